@@ -1,0 +1,9 @@
+"""mmvit-plugins: BOAT, MAFormer and Refiner-ViT backbones for MMDetection and MMSegmentation.
+
+Importing the package registers every backbone (and the layer-decay optimizer constructor) in
+mmengine's root registries, so mmdet's and mmseg's ``MODELS.build`` find them by type name.
+"""
+from . import models  # noqa: F401  (registers the backbones)
+from .version import __version__
+
+__all__ = ['__version__']

@@ -4,6 +4,7 @@ Importing the package registers every backbone (and the layer-decay optimizer co
 mmengine's root registries, so mmdet's and mmseg's ``MODELS.build`` find them by type name.
 """
 from . import models  # noqa: F401  (registers the backbones)
+from . import optim  # noqa: F401  (registers the layer-decay optimizer wrapper constructor)
 from .version import __version__
 
 __all__ = ['__version__']

@@ -87,6 +87,19 @@ sys.exit(0 if (3, 8) <= sys.version_info[:2] <= (3, 11) else 1)
 EOF
 py_tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
+# mmcv is compiled unless a wheel for this (mmcv, torch, python) is cached: check the toolchain
+# before spending minutes on downloads.
+wheel_dir=$cache/wheels/mmcv-$mmcv_version-torch$torch_version-$py_tag
+wheel=$(ls "$wheel_dir"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)
+if [[ -z $wheel ]]; then
+    command -v g++ >/dev/null || command -v c++ >/dev/null ||
+        die "no C++ compiler found; mmcv $mmcv_version must be compiled (no cached wheel in $wheel_dir)" \
+            "on Debian/Ubuntu: apt-get install g++   (then run this script again)"
+    inc=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    [[ -f $inc/Python.h ]] || die "Python headers missing ($inc/Python.h)" \
+        "on Debian/Ubuntu: apt-get install python3-dev"
+fi
+
 if [[ ! -x $venv/bin/python ]]; then
     say "creating virtual environment $venv"
     "$python" -m venv "$venv" || die "could not create $venv" \
@@ -104,16 +117,8 @@ have_torch=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split(
     "remove $venv (rm -rf $venv) and run again"
 
 # --- mmcv: built once per (mmcv, torch, python), kept outside the repo -----------------------------
-wheel_dir=$cache/wheels/mmcv-$mmcv_version-torch$torch_version-$py_tag
-wheel=$(ls "$wheel_dir"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)
 "${pip[@]}" install -q -r "$req/build.txt"
 if [[ -z $wheel ]]; then
-    command -v g++ >/dev/null || command -v c++ >/dev/null ||
-        die "no C++ compiler found; mmcv $mmcv_version must be compiled" \
-            "on Debian/Ubuntu: apt-get install g++   (then run this script again)"
-    inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-    [[ -f $inc/Python.h ]] || die "Python headers missing ($inc/Python.h)" \
-        "on Debian/Ubuntu: apt-get install python3-dev"
     say "building mmcv $mmcv_version with ops against torch $torch_version (one time, ~6 min on 2 cores)"
     build_dir=$(mktemp -d)
     log=$cache/mmcv-build.log
@@ -146,10 +151,14 @@ cat "$req/torch.txt" "$req/mmcv.txt" >"$constraints"
 rm -f "$constraints"
 
 # --- verify ----------------------------------------------------------------------------------------
-if ! reason=$(check_stack 2>&1); then
-    die "the environment does not work: ${reason##*$'\n'}" \
+errors=$(mktemp)
+if ! versions=$(check_stack 2>"$errors"); then
+    reason=$(tail -n 1 "$errors")
+    rm -f "$errors"
+    die "the environment does not work: $reason" \
         "if mmcv's ops fail to load, its cached wheel may be broken: rm -rf $wheel_dir and run again"
 fi
-say "$reason"
+rm -f "$errors"
+say "$versions"
 echo "$stamp" >"$stamp_file"
 say "environment ready: $venv"

@@ -1,0 +1,50 @@
+"""UperNet on ADE20K, 512x512 crops, 160k iterations: what every ``upernet_*_ade20k.py`` shares.
+
+Inherits mmseg's own base configs from the installed package. A backbone config only replaces
+``model.backbone`` (with ``_delete_=True``) and sets the heads' ``in_channels`` to its widths.
+Schedule as in Swin/CSWin: AdamW (lr 6e-5, weight decay 0.01; none on norms and position
+tables), linear warm-up over 1500 iterations, then poly decay; batch 16 (8 GPUs x 2 images).
+Heads use SyncBN (GPU runs); tools/train.py and tools/test.py switch it to BN without CUDA.
+"""
+_base_ = [
+    'mmseg::_base_/models/upernet_swin.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(imports=['mmvit_plugins'], allow_failed_imports=False)
+
+num_classes = 150
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    decode_head=dict(num_classes=num_classes),
+    auxiliary_head=dict(num_classes=num_classes))
+
+# No weight decay on normalization layers (any type) and on position tables.
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.,
+        custom_keys={
+            'absolute_pos_embed': dict(decay_mult=0.),
+            'pos_embed': dict(decay_mult=0.),
+            'relative_position_bias_table': dict(decay_mult=0.),
+            'cls_token': dict(decay_mult=0.),
+        }))
+
+warmup_iters = 1500
+max_iters = 160000
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, by_epoch=False, begin=warmup_iters,
+         end=max_iters),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=16000)
+
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader

@@ -1,0 +1,14 @@
+"""Mask R-CNN + FPN + MAFormer-S on COCO: 3x schedule
+(36 epochs), multi-scale training, bbox and segm mAP.
+
+Paper: no reported number for this setting.
+No public checkpoint exists: trained from scratch unless you set init_cfg.
+"""
+_base_ = ['./_base_/mask_rcnn_fpn_ms_3x_coco.py']
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='MAFormer',
+        arch='small',
+        drop_path_rate=0.2),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,15 @@
+"""Mask R-CNN + FPN + Refiner-ViT-M on COCO: 3x schedule
+(36 epochs), multi-scale training, bbox and segm mAP.
+
+Paper: no reported number for this setting."""
+_base_ = ['./_base_/mask_rcnn_fpn_ms_3x_coco.py']
+# ImageNet weights converted by tools/model_converters/refiner2mmvit.py
+pretrained = 'checkpoints/refiner-vit-m_mmvit.pth'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='RefinerViT',
+        arch='medium',
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[420, 420, 420, 420]))

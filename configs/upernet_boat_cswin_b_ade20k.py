@@ -1,0 +1,16 @@
+"""UperNet + BOAT-CSWin-B on ADE20K: 512x512 crops, 160k iterations, 150 classes,
+mIoU.
+
+Paper: no reported number for this setting."""
+_base_ = ['./_base_/upernet_ade20k_160k.py']
+# ImageNet weights converted by tools/model_converters/boat2mmvit.py
+pretrained = 'checkpoints/boat-cswin-b_mmvit.pth'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='BOATCSWin',
+        arch='base',
+        drop_path_rate=0.5,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))

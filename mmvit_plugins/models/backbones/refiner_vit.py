@@ -1,0 +1,461 @@
+"""Refiner-ViT (Zhou et al., "Refiner: Refining Self-attention for Vision Transformers",
+arXiv 2106.03714) as a detection/segmentation backbone.
+
+The trunk is the public model: a CNN patch stem (stride 16), then blocks that alternate between
+computing attention and sharing the previous block's attention map through the refiner (DLA).
+For dense prediction most blocks attend within windows (the refiner then runs on each window's
+map) and a few globally, and a simple feature pyramid turns the stride-16 tokens into strides
+4/8/16/32.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
+from torch import nn
+from torch.nn import functional as F
+
+from mmvit_plugins.models.layers import (LayerNorm2d, SimpleFeaturePyramid, pad_to_multiple,
+                                         resize_pos_embed, window_partition, window_reverse)
+
+from .base import (PyramidBackbone, check_heads, check_input, check_out_indices, check_range,
+                   resolve_arch)
+
+PATCH_SIZE = 16
+# Every public block scales its input by this before the norms and divides the branches by it.
+ADJUST_RATIO = 0.5
+_CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
+
+
+def window_token_mask(hw: Tuple[int, int], window_size: int, batch: int,
+                      device: torch.device) -> Optional[torch.Tensor]:
+    """(batch * num_windows, ws * ws) bool, True for real tokens, in ``window_partition`` order
+    of the (h, w) grid padded to the window; ``None`` when the grid needs no padding."""
+    h, w = hw
+    if h % window_size == 0 and w % window_size == 0:
+        return None
+    ones = torch.ones(1, h, w, 1, device=device)
+    valid = window_partition(pad_to_multiple(ones, window_size), window_size)[..., 0] > 0
+    return valid.repeat(batch, 1)
+
+
+class DistributedLocalAttention(nn.Module):
+    """The refiner ("conv_exapnd" DLA of the public code) on attention maps (B, H, L, L).
+
+    1x1 conv H -> eH + BN + ReLU6, depthwise kxk "same" conv + BN + ReLU6, 1x1 conv eH -> H + BN,
+    plus the input. ``mask`` (B, 1, L, L), True where query and key are real tokens: the expanded
+    maps are zeroed elsewhere before the depthwise conv, so that padding tokens of a partial window
+    act like the conv's own zero padding.
+    """
+
+    def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3):
+        super().__init__()
+        hidden = num_heads * expansion
+        self.conv_exp = nn.Conv2d(num_heads, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.depth_sep_conv = nn.Conv2d(hidden, hidden, kernel_size, padding='same',
+                                        groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.conv_pro = nn.Conv2d(hidden, num_heads, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(num_heads)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, attn: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # In-place ops on BN outputs (BN backward needs only its input) save map-sized copies.
+        x = self.bn1(self.conv_exp(attn))
+        if mask is not None:
+            x.masked_fill_(~mask, 0.)
+        x = self.act(self.bn2(self.depth_sep_conv(self.act(x))))
+        return self.bn3(self.conv_pro(x)).add_(attn)
+
+
+class RefinedAttention(nn.Module):
+    """Attention of a computing or a sharing Refiner block, global or windowed.
+
+    Computing (``share=False``): ``a = softmax(q k^T * scale)``, plus ``scale * prev`` when a
+    previous map is given; ``a`` is used and passed on. Sharing (``share=True``): only values are
+    projected, ``a = adapt_bn(dla(prev)) * scale`` is used and ``prev`` is passed on unchanged.
+
+    ``window_size=0``: global attention over (B, N, C) tokens (class token allowed), maps
+    (B, heads, N, N). Otherwise the tokens are the (h, w) grid, padded to the window (padding
+    masked out as keys and zeroed in the maps), maps (B * num_windows, heads, ws^2, ws^2).
+    """
+
+    def __init__(self, dim: int, num_heads: int, share: bool, window_size: int,
+                 qkv_bias: bool = True, dla_expansion: int = 3, dla_kernel_size: int = 3):
+        super().__init__()
+        self.num_heads = num_heads
+        self.share = share
+        self.window_size = window_size
+        self.scale = (dim // num_heads) ** -0.5
+        if share:
+            self.v = nn.Linear(dim, dim, bias=qkv_bias)
+            self.dla = DistributedLocalAttention(num_heads, dla_expansion, dla_kernel_size)
+            self.adapt_bn = nn.BatchNorm2d(num_heads)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor],
+                hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) tokens, the previous map, the grid (h, w) -> (B, N, C), the map passed on."""
+        if not self.window_size:
+            out, attn = self._attend(x, prev, None)
+            return self.proj(out), attn
+        b, n, c = x.shape
+        h, w = hw
+        x = pad_to_multiple(x.view(b, h, w, c), self.window_size)
+        hp, wp = x.shape[1:3]
+        valid = window_token_mask(hw, self.window_size, b, x.device)
+        out, attn = self._attend(window_partition(x, self.window_size), prev, valid)
+        out = window_reverse(out, self.window_size, hp, wp)[:, :h, :w].reshape(b, n, c)
+        return self.proj(out), attn
+
+    def _attend(self, x: torch.Tensor, prev: Optional[torch.Tensor],
+                valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B', L, C) tokens, optional (B', L) real-token mask -> (B', L, C), the map passed on."""
+        b, n, c = x.shape
+        pairs = None if valid is None else valid[:, None, :, None] & valid[:, None, None, :]
+        if self.share:
+            v = self.v(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+            attn = self.adapt_bn(self.dla(prev, pairs)).mul_(self.scale)
+            if pairs is not None:
+                attn.masked_fill_(~pairs, 0.)
+            passed = prev
+        else:
+            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            # The public code scales q and k by sqrt(scale) each: the same logits.
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if valid is not None:
+                attn = attn.masked_fill(~valid[:, None, None, :], float('-inf'))
+            attn = attn.softmax(dim=-1)
+            if prev is not None:
+                attn = attn + self.scale * prev
+            if valid is not None:
+                attn = attn.masked_fill(~valid[:, None, :, None], 0.)
+            passed = attn
+        return (attn @ v).transpose(1, 2).reshape(b, n, c), passed
+
+
+class RefinerMlp(nn.Module):
+    """fc1 -> GELU -> fc2 -> learnable per-channel scale (init 1e-5): (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.scale_channel = nn.Parameter(torch.full((dim, ), 1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x))) * self.scale_channel
+
+
+class RefinerBlock(nn.Module):
+    """``y, a = attn(norm1(x/2), prev); x += y*2; x += mlp(norm2(x/2))*2`` (with drop path)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, share: bool,
+                 window_size: int, qkv_bias: bool = True, drop_path: float = 0.,
+                 dla_expansion: int = 3, dla_kernel_size: int = 3):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefinedAttention(dim, num_heads, share, window_size, qkv_bias,
+                                     dla_expansion, dla_kernel_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = RefinerMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor],
+                hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        y, attn = self.attn(self.norm1(x * ADJUST_RATIO), prev, hw)
+        x = x + self.drop_path(y) / ADJUST_RATIO
+        x = x + self.drop_path(self.mlp(self.norm2(x * ADJUST_RATIO))) / ADJUST_RATIO
+        return x, attn
+
+
+class ConvPatchEmbed(nn.Module):
+    """The public CNN stem: (B, in, H, W) -> (B, C, ceil(H/16), ceil(W/16)).
+
+    conv 7x7/2 + BN + ReLU, conv 3x3 + BN + ReLU (x2), conv 8x8/8. The image is zero padded at
+    the bottom/right to a multiple of 16 so that no pixel is dropped.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(128, embed_dims, PATCH_SIZE // 2, stride=PATCH_SIZE // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % PATCH_SIZE, 0, -h % PATCH_SIZE))
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.proj(x)
+
+
+def _default_global_blocks(num_layers: int) -> Tuple[int, ...]:
+    """A quarter of the blocks, ViTDet-like: one (computing, sharing) pair per 8 blocks (at least
+    one), each the last pair of an equal segment of the depth."""
+    num_pairs = (num_layers + 1) // 2
+    segments = max(num_layers // 8, 1)
+    pairs = sorted({max((s + 1) * num_pairs // segments - 1, 0) for s in range(segments)})
+    return tuple(i for pair in pairs for i in (2 * pair, 2 * pair + 1) if i < num_layers)
+
+
+def _check_block_indexes(name: str, indexes: Sequence[int], num_layers: int) -> Tuple[int, ...]:
+    """Block indices (negative allowed) normalised to [0, num_layers)."""
+    for index in indexes:
+        if not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(f'{name}={tuple(indexes)} is invalid; allowed values: block '
+                             f'indices, ints in [{-num_layers}, {num_layers - 1}]')
+    return tuple(index % num_layers for index in indexes)
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f'{name}={value!r} is invalid; allowed values: a positive int')
+
+
+@MODELS.register_module()
+class RefinerViT(PyramidBackbone):
+    """Refiner-ViT with windowed/global refined attention and a simple feature pyramid.
+
+    Blocks alternate: even blocks compute attention (adding ``scale`` times the previous
+    computed map), odd blocks share it through the refiner. Windowed blocks attend within
+    ``window_size`` x ``window_size`` windows of the token grid (padded to the window; padding
+    never influences real tokens); blocks in ``global_attn_indexes`` attend over the whole
+    grid, and their refiner convs run on the full N x N maps (memory grows with N^2, see
+    docs/backbones/refiner_vit.md). Maps are passed on between blocks of the same kind; the
+    first computing block after a change of kind starts a new chain.
+
+    Args:
+        arch: ``'small'``/``'s'``, ``'medium'``/``'m'``, ``'large'``/``'l'`` or a dict with
+            ``embed_dims``, ``num_layers``, ``num_heads``, ``mlp_ratio``.
+        in_channels: image channels.
+        pretrain_img_size: image size of the position embedding (grid ``size // 16``); it is
+            interpolated (bicubic) to the grid of every input.
+        window_size: window of the windowed blocks, in tokens (14: the pretraining map size).
+        global_attn_indexes: blocks with global attention: ``None`` (a quarter of the blocks:
+            one pair per 8 blocks, evenly spaced, the last pair included), ``'all'`` (the public
+            classification model), or a sequence of block indices; a sharing block and the
+            computing block before it must be both listed or both not.
+        with_cls_token: keep the class token (needs ``global_attn_indexes='all'``); it is
+            dropped from the pyramid inputs.
+        pyramid_block_indexes: for each of the 4 pyramid levels, the block whose output feeds
+            it; default the last block for every level (ViTDet).
+        qkv_bias, dla_expansion, dla_kernel_size: as the public models (True, 3, 3).
+        out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
+        frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
+            class token) and the first k blocks.
+        norm_eval: keep every BatchNorm (stem, refiner) in eval mode while training; needed
+            for batch independence in training, since these BNs otherwise use batch statistics.
+        with_cp: gradient checkpointing per block.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+        use_ema: load ``state_dict_ema`` from pretrained checkpoints that have one.
+        init_cfg: ``dict(type='Pretrained', checkpoint=...)`` loads a public checkpoint through
+            :meth:`convert_checkpoint`.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['s', 'small'],
+                        dict(embed_dims=384, num_layers=16, num_heads=12, mlp_ratio=3.)),
+        **dict.fromkeys(['m', 'medium'],
+                        dict(embed_dims=420, num_layers=32, num_heads=12, mlp_ratio=3.)),
+        **dict.fromkeys(['l', 'large'],
+                        dict(embed_dims=512, num_layers=32, num_heads=16, mlp_ratio=3.)),
+    }
+    _keys_not_in_public_checkpoints = ('out_norm', 'pyramid')
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'small',
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 window_size: int = 14,
+                 global_attn_indexes: Union[None, str, Sequence[int]] = None,
+                 with_cls_token: bool = False,
+                 pyramid_block_indexes: Optional[Sequence[int]] = None,
+                 qkv_bias: bool = True,
+                 dla_expansion: int = 3,
+                 dla_kernel_size: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 drop_path_rate: float = 0.,
+                 use_ema: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None):
+        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, use_ema=use_ema,
+                         init_cfg=init_cfg)
+        arch = resolve_arch(arch, self.arch_zoo,
+                            ('embed_dims', 'num_layers', 'num_heads', 'mlp_ratio'))
+        for name in ('embed_dims', 'num_layers', 'num_heads'):
+            _positive_int(name, arch[name])
+        for name, value in (('in_channels', in_channels), ('pretrain_img_size', pretrain_img_size),
+                            ('window_size', window_size), ('dla_expansion', dla_expansion),
+                            ('dla_kernel_size', dla_kernel_size)):
+            _positive_int(name, value)
+        embed_dims, num_layers = arch['embed_dims'], arch['num_layers']
+        check_heads([embed_dims], [arch['num_heads']])
+        check_range('mlp_ratio', arch['mlp_ratio'], 1e-6, 64.)
+        if pretrain_img_size % PATCH_SIZE:
+            raise ValueError(f'pretrain_img_size={pretrain_img_size} is invalid; allowed values: '
+                             f'multiples of the patch size {PATCH_SIZE}')
+        check_range('drop_path_rate', drop_path_rate, 0., 1.)
+        check_range('frozen_stages', frozen_stages, -1, num_layers)
+        global_blocks = self._check_global_blocks(global_attn_indexes, num_layers)
+        if with_cls_token and len(global_blocks) != num_layers:
+            raise ValueError("with_cls_token=True needs global_attn_indexes='all': windows hold "
+                             'no class token')
+        if pyramid_block_indexes is None:
+            pyramid_block_indexes = (num_layers - 1, ) * 4
+        if isinstance(pyramid_block_indexes, int) or len(pyramid_block_indexes) != 4:
+            raise ValueError(f'pyramid_block_indexes={tuple(pyramid_block_indexes)} is invalid; '
+                             'allowed values: 4 block indices, one per pyramid level')
+        self.pyramid_block_indexes = _check_block_indexes(
+            'pyramid_block_indexes', pyramid_block_indexes, num_layers)
+
+        self.in_channels = in_channels
+        self.embed_dims = embed_dims
+        self.num_layers = num_layers
+        self.with_cp = with_cp
+        self.out_indices = check_out_indices(out_indices, 4)
+        self.num_features = [embed_dims] * 4
+        self._feature_blocks = sorted({self.pyramid_block_indexes[i] for i in self.out_indices})
+
+        self.patch_embed = ConvPatchEmbed(in_channels, embed_dims)
+        self.pos_grid = (pretrain_img_size // PATCH_SIZE, ) * 2
+        self.num_extra_tokens = int(with_cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims)) if with_cls_token else None
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.num_extra_tokens + self.pos_grid[0] * self.pos_grid[1],
+                        embed_dims))
+        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        self.blocks = nn.ModuleList([
+            RefinerBlock(embed_dims, arch['num_heads'], arch['mlp_ratio'], share=i % 2 == 1,
+                         window_size=0 if i in global_blocks else window_size,
+                         qkv_bias=qkv_bias, drop_path=rates[i], dla_expansion=dla_expansion,
+                         dla_kernel_size=dla_kernel_size) for i in range(num_layers)
+        ])
+        self.pyramid = SimpleFeaturePyramid(embed_dims, self.out_indices)
+        for i in self.out_indices:
+            self.add_module(f'out_norm{i}', LayerNorm2d(embed_dims, eps=1e-6))
+        self._init_trunk()
+
+    @staticmethod
+    def _check_global_blocks(indexes: Union[None, str, Sequence[int]],
+                             num_layers: int) -> Tuple[int, ...]:
+        if indexes is None:
+            return _default_global_blocks(num_layers)
+        if isinstance(indexes, str):
+            if indexes != 'all':
+                raise ValueError(f"global_attn_indexes={indexes!r} is invalid; allowed values: "
+                                 "None, 'all' or a sequence of block indices")
+            return tuple(range(num_layers))
+        blocks = set(_check_block_indexes('global_attn_indexes', indexes, num_layers))
+        for share in range(1, num_layers, 2):
+            if (share in blocks) != (share - 1 in blocks):
+                raise ValueError(
+                    f'global_attn_indexes={tuple(indexes)} is invalid: sharing block {share} '
+                    f'reuses the map of block {share - 1}, so list both or neither')
+        return tuple(sorted(blocks))
+
+    def _init_trunk(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # -- pretrained weights -----------------------------------------------------------------
+    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Public Refiner-ViT keys -> this module's (idempotent on converted checkpoints).
+
+        Drops the classifier heads and final norm (and the class token unless
+        ``with_cls_token``), renames ``attn.DLA`` -> ``attn.dla`` and the sharing blocks'
+        value-only ``attn.qkv`` -> ``attn.v``, and resizes the position embedding to
+        ``pretrain_img_size``.
+        """
+        converted, dropped = {}, []
+        for key, value in state_dict.items():
+            if key.startswith(_CLASSIFIER_KEYS) or (key == 'cls_token' and self.cls_token is None):
+                dropped.append(key)
+                continue
+            key = key.replace('.attn.DLA.', '.attn.dla.')
+            parts = key.split('.')
+            if (parts[0] == 'blocks' and parts[1].isdigit() and int(parts[1]) < self.num_layers
+                    and parts[2:4] == ['attn', 'qkv'] and self.blocks[int(parts[1])].attn.share):
+                key = '.'.join(parts[:3] + ['v'] + parts[4:])
+            converted[key] = value
+        if 'pos_embed' in converted:
+            converted['pos_embed'] = self._convert_pos_embed(converted['pos_embed'])
+        if dropped:
+            print_log(f'RefinerViT: dropped classification-only keys {dropped}', logger='current')
+        return converted
+
+    def _convert_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
+        """(1, extra + g*g, C) of a public checkpoint -> this model's (1, extra' + gh*gw, C)."""
+        if pos_embed.shape == self.pos_embed.shape:
+            return pos_embed
+        num_tokens = pos_embed.shape[1]
+        grid = math.isqrt(num_tokens)
+        extra = num_tokens - grid * grid
+        if extra not in (0, 1) or extra < self.num_extra_tokens:
+            raise ValueError(f'checkpoint pos_embed {tuple(pos_embed.shape)} is not a square grid '
+                             f'with {self.num_extra_tokens} class token')
+        grid_embed = resize_pos_embed(pos_embed[:, extra:], (grid, grid), self.pos_grid)
+        return torch.cat([pos_embed[:, :self.num_extra_tokens], grid_embed], dim=1)
+
+    # -- freezing ----------------------------------------------------------------------------
+    def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
+        embeddings = nn.ParameterList(
+            [p for p in (self.pos_embed, self.cls_token) if p is not None])
+        return [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward_tokens(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
+        """(B, in_channels, H, W) -> the outputs of the blocks feeding the returned levels
+        (ascending block order) as (B, extra + h*w, C), class token first, and the token grid
+        (h, w) = (ceil(H/16), ceil(W/16))."""
+        check_input(x, self.in_channels)
+        x = self.patch_embed(x)
+        b, _, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        x = x + resize_pos_embed(self.pos_embed, self.pos_grid, (h, w), self.num_extra_tokens)
+        outs, attn = [], None
+        for i, block in enumerate(self.blocks[:self._feature_blocks[-1] + 1]):
+            if i and not block.attn.share and \
+                    block.attn.window_size != self.blocks[i - 1].attn.window_size:
+                attn = None  # window maps and global maps differ in shape: a new chain starts
+            if self.with_cp and x.requires_grad:
+                x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
+            else:
+                x, attn = block(x, attn, (h, w))
+            if i in self._feature_blocks:
+                outs.append(x)
+        return outs, (h, w)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, in_channels, H, W) -> one (B, embed_dims, H/s, W/s) map per ``out_indices`` entry,
+        s = 4 * 2**i (sizes rounded up)."""
+        tokens, (h, w) = self.forward_tokens(x)
+        by_block = dict(zip(self._feature_blocks, tokens))
+        feats = []
+        for i in self.out_indices:
+            t = by_block[self.pyramid_block_indexes[i]][:, self.num_extra_tokens:]
+            feats.append(t.transpose(1, 2).reshape(t.shape[0], self.embed_dims, h, w))
+        outs = self.pyramid(feats)
+        return tuple(getattr(self, f'out_norm{i}')(out) for i, out in zip(self.out_indices, outs))

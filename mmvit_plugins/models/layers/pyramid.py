@@ -1,0 +1,64 @@
+"""A simple feature pyramid for plain (single-stride) ViTs, after ViTDet.
+
+One stride-16 map per level becomes a map of stride 4 (two 2x2 transposed convs), 8 (one),
+16 (identity) or 32 (2x2 max pooling). Every level keeps the input width, so a plain ViT with
+``embed_dims`` channels offers ``num_features == [embed_dims] * 4`` like a hierarchical backbone.
+"""
+from typing import List, Sequence
+
+import torch
+from mmengine.model import BaseModule
+from torch import nn
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map; independent of the batch and size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+
+def _make_level(level: int, channels: int) -> nn.Module:
+    if level == 0:
+        return nn.Sequential(
+            nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2),
+            LayerNorm2d(channels, eps=1e-6),
+            nn.GELU(),
+            nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
+    if level == 1:
+        return nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
+    if level == 2:
+        return nn.Identity()
+    # ceil_mode keeps the last row/column of an odd-sized map.
+    return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+
+
+class SimpleFeaturePyramid(BaseModule):
+    """Strides 4/8/16/32 from stride-16 maps of a plain ViT.
+
+    Args:
+        channels: width of the input maps and of every output level.
+        levels: the pyramid levels to build (0: stride 4 ... 3: stride 32); only these hold
+            parameters, as ``level{i}``.
+
+    ``forward`` takes one (B, C, h, w) stride-16 map per built level (they may come from
+    different blocks) and returns, per level ``i``, a (B, C, h * 4 / 2**i, w * 4 / 2**i) map
+    (stride 32: ``ceil(h / 2)``).
+    """
+
+    def __init__(self, channels: int, levels: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        if not levels or any(level not in range(len(PYRAMID_STRIDES)) for level in levels):
+            raise ValueError(f'levels={tuple(levels)} is invalid; allowed values: a non-empty '
+                             f'subset of {tuple(range(len(PYRAMID_STRIDES)))}')
+        self.levels = tuple(levels)
+        for level in self.levels:
+            self.add_module(f'level{level}', _make_level(level, channels))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if len(feats) != len(self.levels):
+            raise ValueError(f'expected {len(self.levels)} stride-16 maps (one per level '
+                             f'{self.levels}), got {len(feats)}')
+        return [getattr(self, f'level{level}')(feat) for level, feat in zip(self.levels, feats)]

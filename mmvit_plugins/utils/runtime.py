@@ -1,0 +1,69 @@
+"""Config preparation shared by tools/train.py and tools/test.py (mmdet or mmseg configs)."""
+import os.path as osp
+from typing import Any, Optional
+
+import torch
+from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exported for tools)
+from mmengine.logging import print_log
+
+SUPPORTED_SCOPES = ('mmdet', 'mmseg')
+
+
+def config_scope(cfg: Config) -> str:
+    """The OpenMMLab codebase a config belongs to, from its ``default_scope``."""
+    scope = cfg.get('default_scope')
+    if scope not in SUPPORTED_SCOPES:
+        raise ValueError(f'config default_scope={scope!r} is not supported; allowed values: '
+                         f'{SUPPORTED_SCOPES} (inherit an mmdet or mmseg base config)')
+    return scope
+
+
+def replace_sync_bn(node: Any) -> int:
+    """Turn every ``type='SyncBN'`` norm config into ``'BN'`` in place; return how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += replace_sync_bn(value)
+    return count
+
+
+def prepare_config(config: str, cfg_options: Optional[dict] = None, launcher: str = 'none',
+                   work_dir: Optional[str] = None) -> Config:
+    """Load a config, apply ``--cfg-options``, set launcher and work dir, and register modules.
+
+    SyncBN needs CUDA: without it (CPU runs, also distributed with gloo) the model's SyncBN
+    layers become BN, with a warning saying so.
+    """
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = config_scope(cfg)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    if not torch.cuda.is_available():
+        converted = replace_sync_bn(cfg.model)
+        if converted:
+            print_log(f'CUDA is not available: {converted} SyncBN layer config(s) switched to BN '
+                      '(override with a GPU run, or set norm_cfg explicitly)',
+                      logger='current', level=30)
+    register_scope(scope)
+    return cfg
+
+
+def register_scope(scope: str) -> None:
+    """Import the codebase's modules and ours into the registries, with ``scope`` as default."""
+    import mmvit_plugins  # noqa: F401
+    if scope == 'mmdet':
+        from mmdet.utils import register_all_modules
+    else:
+        from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=True)

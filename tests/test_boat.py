@@ -1,0 +1,321 @@
+"""BOAT-Swin and BOAT-CSWin backbones: API, any input size, checkpoints, parameter counts."""
+import re
+
+import pytest
+import torch
+
+from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin
+from mmvit_plugins.models.backbones.boat import (CrossShapedWindowAttention, _rename,
+                                                 swin_attention_mask)
+
+TINY = {
+    BOATSwin: dict(arch=dict(embed_dims=8, depths=[2, 2, 2, 1], num_heads=[1, 1, 2, 2])),
+    BOATCSWin: dict(arch=dict(embed_dims=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2],
+                              split_sizes=[1, 2, 7, 7])),
+}
+MODELS = list(TINY)
+
+
+def _tiny(cls, **kwargs):
+    return cls(**{**TINY[cls], **kwargs})
+
+
+def _params(model, skip: str = 'out_norm') -> int:
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not (skip and name.startswith(skip)))
+
+
+@pytest.mark.parametrize('cls', MODELS)
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_registered_in_mmdet_and_mmseg(cls, scope):
+    from mmengine.registry import DefaultScope
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(dict(type=cls.__name__, **TINY[cls]))
+    assert isinstance(model, cls)
+
+
+# Public models without classifier head and final norm (docs/backbones/boat.md).
+PUBLIC_PARAMS = {
+    (BOATSwin, 'tiny'): 29_494_650, (BOATSwin, 'small'): 54_388_362,
+    (BOATSwin, 'base'): 96_585_912, (BOATCSWin, 'tiny'): 25_876_928,
+    (BOATCSWin, 'small'): 39_598_464, (BOATCSWin, 'base'): 88_858_176,
+}
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_tiny_preset_parameter_count(cls):
+    model = cls(arch='tiny')
+    norms = sum(2 * w for w in model.num_features)
+    assert _params(model, skip='') == PUBLIC_PARAMS[(cls, 'tiny')] + norms
+
+
+@pytest.mark.parametrize('cls,arch', [(c, a) for c, a in PUBLIC_PARAMS if a != 'tiny'])
+def test_larger_preset_parameter_counts(cls, arch):
+    with torch.device('meta'):
+        model = cls(arch=arch)
+    assert _params(model) == PUBLIC_PARAMS[(cls, arch)]
+
+
+@pytest.mark.parametrize('cls', MODELS)
+@pytest.mark.parametrize('hw', [(224, 224), (512, 512), (800, 1216)])
+def test_forward_backward_strides_and_channels(cls, hw):
+    model = _tiny(cls, drop_path_rate=0.1)
+    x = torch.randn(1, 3, *hw, requires_grad=True)
+    outs = model(x)
+    assert [tuple(o.shape) for o in outs] == [
+        (1, c, -(-hw[0] // s), -(-hw[1] // s))
+        for c, s in zip(model.num_features, (4, 8, 16, 32))
+    ]
+    sum(o.square().mean() for o in outs).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('cls', MODELS)
+@pytest.mark.parametrize('hw', [(32, 32), (61, 97), (1, 1), (30, 226)])
+def test_any_input_size(cls, hw):
+    outs = _tiny(cls)(torch.randn(2, 3, *hw))
+    assert [o.shape[-2:] for o in outs] == [
+        (-(-hw[0] // s), -(-hw[1] // s)) for s in (4, 8, 16, 32)]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_images_of_a_batch_are_independent(cls):
+    model = _tiny(cls).double().eval()
+    x = torch.randn(3, 3, 61, 97, dtype=torch.float64)
+    with torch.no_grad():
+        batched = model(x)
+        for i in range(3):
+            for alone, inside in zip(model(x[i:i + 1]), batched):
+                torch.testing.assert_close(alone, inside[i:i + 1], atol=1e-9, rtol=0)
+
+
+def test_swin_mask_hides_padding_and_other_regions():
+    mask = swin_attention_mask((14, 14), (10, 12), 7, 3, torch.device('cpu'))
+    assert mask.shape == (4, 49, 49)
+    assert swin_attention_mask((14, 14), (14, 14), 7, 0, torch.device('cpu')) is None
+    plain = swin_attention_mask((14, 14), (10, 12), 7, 0, torch.device('cpu'))
+    # window 0 of the unshifted map: rows/cols 0-6, all real; window 3 holds padding
+    assert (plain[0] == 0).all()
+    real = torch.ones(14, 14, dtype=torch.bool)
+    real[10:] = False
+    real[:, 12:] = False
+    real3 = real[7:, 7:].flatten()
+    assert (plain[3][real3][:, ~real3] == -100).all() and (plain[3][real3][:, real3] == 0).all()
+
+
+def test_cross_shaped_padding_equals_cropped_windows():
+    """Stripes of a map whose width is not a multiple of the split size."""
+    torch.manual_seed(0)
+    attn = CrossShapedWindowAttention(8, 2, [(None, 3)]).double()
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    out = attn(x)
+    # the last stripe (column 6) alone, as a 5x1 map through the same module
+    attn.windows = ((None, None), )
+    torch.testing.assert_close(out[:, :, 6:], attn(x[:, :, 6:]), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_out_indices_and_num_features(cls):
+    model = _tiny(cls, out_indices=(1, 3))
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [model.num_features[1], model.num_features[3]]
+    assert hasattr(model, 'out_norm1') and not hasattr(model, 'out_norm0')
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_frozen_stages(cls):
+    model = _tiny(cls, frozen_stages=2)
+    model.train()
+    frozen = [model.patch_embed, model.stages[0], model.stages[1], model.out_norm0,
+              model.out_norm1]
+    for module in frozen:
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    assert model.stages[2].training
+    assert all(p.requires_grad for p in model.stages[2].parameters())
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_with_cp_gives_the_same_gradients(cls):
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = _tiny(cls, with_cp=with_cp)
+        sum(o.sum() for o in model(x)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('cls', MODELS)
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(arch='huge'), 'arch'),
+    (dict(arch=dict(embed_dims=8, depths=[1, 1, 1], num_heads=[1, 1, 1, 1])), 'depths'),
+    (dict(arch=dict(embed_dims=8, depths=[1, 1, 1, 1], num_heads=[3, 2, 2, 2])),
+     'num_heads'),
+    (dict(out_indices=(4, )), 'out_indices'),
+    (dict(frozen_stages=5), 'frozen_stages'),
+    (dict(drop_path_rate=1.5), 'drop_path_rate'),
+])
+def test_bad_arguments(cls, kwargs, match):
+    if isinstance(kwargs.get('arch'), dict) and cls is BOATCSWin:
+        kwargs = dict(arch=dict(kwargs['arch'], split_sizes=[1, 2, 7, 7]))
+    with pytest.raises(ValueError, match=match):
+        _tiny(cls, **kwargs)
+
+
+def test_bad_cswin_arguments():
+    arch = dict(embed_dims=8, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2],
+                split_sizes=[1, 2, 7, 7])
+    with pytest.raises(ValueError, match='even'):
+        BOATCSWin(arch=arch)
+    with pytest.raises(ValueError, match='last_stage_attn'):
+        _tiny(BOATCSWin, last_stage_attn='full')
+    with pytest.raises(ValueError, match='window_size'):
+        _tiny(BOATSwin, window_size=1)
+
+
+@pytest.mark.parametrize('cls', MODELS)
+@pytest.mark.parametrize('x,match', [
+    (torch.randn(3, 32, 32), '4-D'), (torch.randn(1, 1, 32, 32), 'channels'),
+    (torch.randn(1, 3, 0, 32), 'empty'),
+])
+def test_bad_input(cls, x, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(cls)(x)
+
+
+def test_last_stage_window_option_equals_global_at_224():
+    torch.manual_seed(0)
+    model = _tiny(BOATCSWin).eval()
+    windowed = _tiny(BOATCSWin, last_stage_attn='window').eval()
+    windowed.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(model(x)[3], windowed(x)[3])
+    x = torch.randn(1, 3, 320, 320)
+    assert not torch.allclose(model(x)[3], windowed(x)[3])
+
+
+# ---- public checkpoints ----------------------------------------------------------------------
+def _public_swin_keys(depths):
+    """Key names of the public BOAT-Swin at 224 (window 7), written from its source."""
+    keys = ['patch_embed.proj.weight', 'patch_embed.proj.bias', 'patch_embed.norm.weight',
+            'patch_embed.norm.bias', 'norm.weight', 'norm.bias', 'head.weight', 'head.bias']
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            p = f'layers.{i}.blocks.{j}.'
+            keys += [p + k for k in (
+                'norm1.weight', 'norm1.bias', 'attn.relative_position_bias_table',
+                'attn.relative_position_index', 'attn.qkv.weight', 'attn.qkv.bias',
+                'attn.proj.weight', 'attn.proj.bias', 'norm2.weight', 'norm2.bias',
+                'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias')]
+            if j % 2 and i < 3:  # shifted blocks of stages larger than one window
+                keys += [p + k for k in (
+                    'attn_mask', 'attnC.qkv.weight', 'attnC.qkv.bias', 'attnC.proj.weight',
+                    'attnC.proj.bias', 'attnC.get_v.weight', 'attnC.get_v.bias',
+                    'norm4.weight', 'norm4.bias')]
+        if i < 3:
+            keys += [f'layers.{i}.downsample.{k}' for k in
+                     ('reduction.weight', 'norm.weight', 'norm.bias')]
+    return keys
+
+
+def _public_cswin_keys(depths):
+    """Key names of the public BOAT-CSWin, written from its source."""
+    keys = ['stage1_conv_embed.0.weight', 'stage1_conv_embed.0.bias',
+            'stage1_conv_embed.2.weight', 'stage1_conv_embed.2.bias', 'norm.weight',
+            'norm.bias', 'head.weight', 'head.bias']
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            p = f'stage{i + 1}.{j}.'
+            keys += [p + k for k in (
+                'qkv.weight', 'qkv.bias', 'norm1.weight', 'norm1.bias', 'proj.weight',
+                'proj.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias',
+                'norm2.weight', 'norm2.bias')]
+            keys += [p + f'attns.{b}.get_v.{t}' for b in range(1 if i == 3 else 2)
+                     for t in ('weight', 'bias')]
+            if j % 2 == 0:
+                keys += [p + k for k in (
+                    'content_attn.qkv.weight', 'content_attn.qkv.bias',
+                    'content_attn.proj.weight', 'content_attn.proj.bias',
+                    'content_attn.get_v.weight', 'content_attn.get_v.bias', 'norm3.weight',
+                    'norm3.bias')]
+        if i < 3:
+            keys += [f'merge{i + 1}.{k}' for k in
+                     ('conv.weight', 'conv.bias', 'norm.weight', 'norm.bias')]
+    return keys
+
+
+def _fake_public_checkpoint(model, public_keys):
+    """Random tensors under the public names; shapes from the model through its converter."""
+    own = model.state_dict()
+    state = {}
+    for key in public_keys:
+        converted = _rename({key: None}, model.public_key_rules)
+        if not converted:  # dropped keys (head, attn_mask): any shape
+            state[key] = torch.randn(3, 3)
+            continue
+        target, = converted
+        assert target in own, f'{key} -> {target} is not a model key'
+        state[key] = torch.randn(own[target].shape) if own[target].is_floating_point() \
+            else own[target].clone()
+    return state
+
+
+@pytest.mark.parametrize('cls,keys', [(BOATSwin, _public_swin_keys),
+                                      (BOATCSWin, _public_cswin_keys)])
+@pytest.mark.parametrize('layout', ['pth_model', 'tar_state_dict', 'tar_ema'])
+def test_loads_public_checkpoints(tmp_path, cls, keys, layout):
+    depths = TINY[cls]['arch']['depths']
+    model = _tiny(cls)
+    public = _fake_public_checkpoint(model, keys(depths))
+    if layout == 'pth_model':
+        checkpoint, path, use_ema = {'model': public}, tmp_path / 'boat.pth', False
+    else:
+        prefixed = {f'module.{k}': v for k, v in public.items()}
+        checkpoint = {'state_dict': {k: v * 0 for k, v in prefixed.items()}
+                      if layout == 'tar_ema' else prefixed, 'epoch': 300}
+        if layout == 'tar_ema':
+            checkpoint['state_dict_ema'] = prefixed
+        path, use_ema = tmp_path / 'boat.pth.tar', layout == 'tar_ema'
+    torch.save(checkpoint, path)
+    model = _tiny(cls, use_ema=use_ema, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    report = model.load_report
+    assert report.ok, report.format()
+    own = model.state_dict()
+    converted = model.convert_checkpoint(public)
+    for key, value in converted.items():
+        torch.testing.assert_close(own[key], value, msg=key)
+    loaded = set(converted)
+    assert {k for k in own if k not in loaded} == {
+        k for k in own if re.match(r'out_norm[012]\.', k)}
+
+
+def test_checkpoint_report_names_unmatched_keys(tmp_path):
+    model = _tiny(BOATSwin)
+    public = _fake_public_checkpoint(model, _public_swin_keys([2, 2, 2, 1]))
+    public['layers.0.blocks.0.extra.weight'] = torch.zeros(2)
+    public['layers.0.blocks.0.norm1.weight'] = torch.zeros(5)
+    del public['layers.0.blocks.1.attnC.qkv.weight']
+    torch.save({'model': public}, tmp_path / 'ckpt.pth')
+    model = _tiny(BOATSwin, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'ckpt.pth')))
+    model.init_weights()
+    report = model.load_report
+    assert report.unexpected == ['stages.0.blocks.0.extra.weight']
+    assert report.missing == ['stages.0.blocks.1.fsla.qkv.weight']
+    assert report.mismatched[0].startswith('stages.0.blocks.0.norm1.weight')
+
+
+def test_bias_table_of_another_window_size_is_resized():
+    model = _tiny(BOATSwin, window_size=12)
+    public = {'layers.0.blocks.0.attn.relative_position_bias_table': torch.randn(169, 1),
+              'layers.0.blocks.0.attn.relative_position_index': torch.zeros(49, 49).long()}
+    converted = model.convert_checkpoint(public)
+    own = model.state_dict()
+    for key, value in converted.items():
+        assert value.shape == own[key].shape

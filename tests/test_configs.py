@@ -1,0 +1,165 @@
+"""Every config under configs/ loads, states its settings, builds its model, and runs one train
+step and one test step on toy data (backbone and heads shrunk through config overrides)."""
+import copy
+import importlib.util
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DATASETS, MODELS, DefaultScope
+
+from mmvit_plugins.utils.runtime import config_scope, register_scope, replace_sync_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / 'configs').glob('*.py'))
+SEG_CONFIGS = [p for p in CONFIGS if p.name.startswith('upernet_')]
+DET_CONFIGS = [p for p in CONFIGS if p.name.startswith('mask_rcnn_')]
+TOY_SIZE = 64
+
+# Small custom archs (one per backbone type) for the step tests: same code paths, few channels.
+TINY_ARCHS = {
+    'BOATSwin': dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
+    'BOATCSWin': dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                      split_sizes=(1, 2, 7, 7)),
+    'MAFormer': dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    'RefinerViT': dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.),
+}
+
+
+def _load_toy_module():
+    path = ROOT / 'tools' / 'misc' / 'make_toy_dataset.py'
+    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toy = _load_toy_module()
+
+
+@pytest.fixture(scope='module')
+def toy_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp('toy')
+    return dict(
+        seg=toy.make_seg_toy(str(base / 'ade'), num_train=2, num_val=1, size=TOY_SIZE),
+        det=toy.make_det_toy(str(base / 'coco'), num_train=2, num_val=1, size=TOY_SIZE))
+
+
+def _registered(type_name: str) -> bool:
+    import mmvit_plugins  # noqa: F401
+    return MODELS.get(type_name) is not None
+
+
+@lru_cache(maxsize=None)
+def _full_widths(type_name: str, arch: str):
+    return list(MODELS.get(type_name)(arch=arch).num_features)
+
+
+def test_every_backbone_has_configs():
+    """Adding a backbone preset means adding its three config files."""
+    stems = {p.name[len('upernet_'):-len('_ade20k.py')] for p in SEG_CONFIGS}
+    assert stems, 'no UperNet configs found'
+    for stem in stems:
+        for sched in ('1x', 'ms_3x'):
+            assert (ROOT / 'configs' / f'mask_rcnn_{stem}_fpn_{sched}_coco.py').is_file(), stem
+    assert (ROOT / 'configs' / 'upernet_boat_cswin_t_ade20k.py').is_file()
+
+
+@pytest.mark.parametrize('path', SEG_CONFIGS, ids=lambda p: p.stem)
+def test_seg_config_settings(path):
+    cfg = Config.fromfile(str(path))
+    assert cfg.default_scope == 'mmseg'
+    assert cfg.custom_imports['imports'] == ['mmvit_plugins']
+    assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == 150
+    assert cfg.model.data_preprocessor.size == (512, 512)
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.val_evaluator.iou_metrics == ['mIoU']
+    assert cfg.optim_wrapper.optimizer.type == 'AdamW'
+    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
+    assert [s.type for s in cfg.param_scheduler] == ['LinearLR', 'PolyLR']
+    assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'
+    backbone = cfg.model.backbone
+    widths = _full_widths(backbone.type, backbone.arch) if _registered(backbone.type) else None
+    if widths is not None:
+        assert cfg.model.decode_head.in_channels == widths
+        assert cfg.model.auxiliary_head.in_channels == widths[2]
+
+
+@pytest.mark.parametrize('path', DET_CONFIGS, ids=lambda p: p.stem)
+def test_det_config_settings(path):
+    cfg = Config.fromfile(str(path))
+    assert cfg.default_scope == 'mmdet'
+    assert cfg.custom_imports['imports'] == ['mmvit_plugins']
+    assert cfg.model.type == 'MaskRCNN'
+    assert cfg.train_cfg.max_epochs == (36 if '_ms_3x_' in path.name else 12)
+    assert set(cfg.val_evaluator.metric) == {'bbox', 'segm'}
+    assert cfg.optim_wrapper.optimizer.type == 'AdamW'
+    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
+    if '_ms_3x_' in path.name:
+        assert 'RandomChoice' in [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    backbone = cfg.model.backbone
+    if _registered(backbone.type):
+        assert cfg.model.neck.in_channels == _full_widths(backbone.type, backbone.arch)
+
+
+def _shrink(cfg: Config, scope: str) -> None:
+    """A tiny backbone arch of the same type; heads with a few channels."""
+    backbone = cfg.model.backbone
+    backbone.arch = copy.deepcopy(TINY_ARCHS[backbone.type])
+    backbone.init_cfg = None
+    kwargs = {k: v for k, v in backbone.items() if k != 'type'}
+    widths = list(MODELS.get(backbone.type)(**kwargs).num_features)
+    model = cfg.model
+    if scope == 'mmseg':
+        model.decode_head.update(in_channels=widths, channels=16)
+        model.auxiliary_head.update(in_channels=widths[2], channels=8)
+    else:
+        model.neck.update(in_channels=widths, out_channels=16)
+        model.rpn_head.update(in_channels=16, feat_channels=16)
+        roi = model.roi_head
+        roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = 16
+        roi.bbox_head.update(in_channels=16, fc_out_channels=32)
+        roi.mask_head.update(in_channels=16, conv_out_channels=16)
+
+
+def _finite_loss(log_vars) -> bool:
+    return all(math.isfinite(float(v)) for v in log_vars.values())
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_train_and_test_step(path, toy_roots):
+    cfg = Config.fromfile(str(path))
+    scope = config_scope(cfg)
+    if not _registered(cfg.model.backbone.type):
+        pytest.skip(f'backbone {cfg.model.backbone.type} is not implemented yet')
+    task = 'seg' if scope == 'mmseg' else 'det'
+    toy.toy_overrides(cfg, task, str(toy_roots[task]), TOY_SIZE)
+    replace_sync_bn(cfg.model)  # CPU: as tools/train.py does without CUDA
+    register_scope(scope)
+    with DefaultScope.overwrite_default_scope(scope):
+        _shrink(cfg, scope)
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        train_set = DATASETS.build(cfg.train_dataloader.dataset)
+        test_set = DATASETS.build(cfg.test_dataloader.dataset)
+
+        model.train()
+        log_vars = model.train_step(pseudo_collate([train_set[0], train_set[1]]), optim_wrapper)
+        assert log_vars and _finite_loss(log_vars), log_vars
+
+        model.eval()
+        with torch.no_grad():
+            (result, ) = model.test_step(pseudo_collate([test_set[0]]))
+    if scope == 'mmseg':
+        assert tuple(result.pred_sem_seg.data.shape) == (1, TOY_SIZE, TOY_SIZE)
+    else:
+        instances = result.pred_instances
+        assert instances.bboxes.shape[-1] == 4
+        assert len(instances.masks) == len(instances.bboxes) == len(instances.scores)

@@ -1,0 +1,305 @@
+"""MAFormer: backbone API, the resolution-agnostic GLD, the paper's ablation switches, and builds
+inside mmdet's Mask R-CNN and mmseg's UperNet. Tiny widths everywhere; full-size presets are
+only built (parameter counts), never run."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.registry import MODELS as ROOT_MODELS
+from mmengine.registry import DefaultScope
+
+from mmvit_plugins.models.backbones import maformer
+from mmvit_plugins.models.backbones.maformer import GLD, LocalWindowAttention, MAFBlock, MAFormer
+
+TINY = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
+def tiny(**kwargs) -> MAFormer:
+    kwargs = {'arch': TINY, 'pretrain_img_size': 64, 'drop_path_rate': 0., **kwargs}
+    return MAFormer(**kwargs)
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- registration and presets -------------------------------------------------------------------
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_registered_in_mmdet_and_mmseg(scope):
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(dict(type='MAFormer', arch=TINY, pretrain_img_size=64))
+    assert isinstance(model, MAFormer) and ROOT_MODELS.get('MAFormer') is MAFormer
+
+
+# Parameter counts of the presets at pretrain_img_size=224, the numbers in
+# docs/backbones/maformer.md. Most of the difference to CSWin is the GLD token FC: one
+# Linear(3136, 1568) (4.92M parameters) per stage-1 block, one Linear(784, 392) per stage-2 block.
+PRESETS = {
+    'tiny': ((96, 192, 384, 768), 38_776_018),
+    'small': ((64, 128, 256, 512), 26_766_154),
+    'base': ((64, 128, 256, 512), 44_937_812),
+    'large': ((96, 192, 384, 768), 86_867_944),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_presets(name):
+    widths, params = PRESETS[name]
+    with torch.device('meta'):  # full size: count, never run
+        model = MAFormer(arch=name)
+        alias = MAFormer(arch=name[0].upper())  # short, case-insensitive name
+    assert tuple(model.num_features) == widths
+    assert num_params(model) == num_params(alias) == params
+
+
+def test_gld_layer_has_the_papers_size_at_224():
+    model = MAFormer(arch=TINY, pretrain_img_size=224)
+    fc1 = model.stages[0].blocks[0].gld.token_fc
+    fc2 = model.stages[1].blocks[0].gld.token_fc
+    assert tuple(fc1.weight.shape) == (56 * 56 // 2, 56 * 56)
+    assert tuple(fc2.weight.shape) == (28 * 28 // 2, 28 * 28)
+
+
+# -- forward / backward -------------------------------------------------------------------------
+@pytest.mark.parametrize('size', [(224, 224), (512, 512), (800, 1216), (97, 130), (20, 36)])
+def test_forward_backward_any_size(size):
+    model = tiny()
+    params_before = num_params(model)
+    h, w = size
+    outs = model(torch.randn(1, 3, h, w))
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        stride = 4 * 2**i
+        assert out.shape == (1, model.num_features[i], -(-h // stride), -(-w // stride))
+    sum(out.square().mean() for out in outs).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert num_params(model) == params_before
+
+
+def test_batch_independent():
+    model = tiny().eval()
+    x = torch.randn(3, 3, 90, 118)  # stage 1 is 23x30: padded windows, resampled GLD
+    with torch.no_grad():
+        batched = model(x)
+        single = [model(x[i:i + 1]) for i in range(3)]
+    for level, out in enumerate(batched):
+        torch.testing.assert_close(out, torch.cat([s[level] for s in single]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+# -- GLD ----------------------------------------------------------------------------------------
+def test_gld_is_the_papers_token_fc_at_the_pretraining_grid():
+    gld = GLD(dim=8, grid_size=(6, 5), ratio=0.5)
+    x = torch.randn(2, 6, 5, 8)
+    tokens = x.reshape(2, 30, 8)  # (B, L, C), row-major like the flattened feature map
+    expected = torch.einsum('blc,ml->bmc', tokens, gld.token_fc.weight)
+    expected = expected + gld.token_fc.bias[:, None] + gld.pos_embed
+    assert gld.num_global_tokens == 15
+    torch.testing.assert_close(gld(x), expected)
+
+
+@pytest.mark.parametrize('mode', ['bilinear', 'area'])
+@pytest.mark.parametrize('size', [(8, 8), (5, 12), (3, 3), (1, 2), (20, 31), (31, 20)])
+def test_gld_any_size(mode, size):
+    gld = GLD(dim=4, grid_size=(8, 8), ratio=0.5, resize_mode=mode)
+    params = num_params(gld)
+    x = torch.randn(2, *size, 4, requires_grad=True)
+    out = gld(x)
+    assert out.shape == (2, 32, 4)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert torch.isfinite(gld.token_fc.weight.grad).all()
+    assert num_params(gld) == params
+
+
+def test_gld_area_mode_averages_onto_the_grid():
+    gld = GLD(dim=4, grid_size=(4, 4), ratio=0.5, resize_mode='area')
+    x = torch.randn(1, 8, 12, 4)
+    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), (2, 3)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(gld(x), gld(pooled))
+
+
+def test_gld_ratio_sets_the_number_of_global_tokens():
+    model = tiny(gld_ratio=0.25)
+    assert model.stages[0].blocks[0].gld.num_global_tokens == 16 * 16 // 4
+    assert model.stages[1].blocks[0].gld.num_global_tokens == 8 * 8 // 4
+
+
+# -- MAF block ------------------------------------------------------------------------------------
+@pytest.mark.parametrize('fusion', ['parallel', 'sequential'])
+def test_fusion_variant_decides_what_gld_reads(fusion):
+    block = MAFBlock(dim=8, num_heads=2, window_size=4, grid_size=(8, 8), fusion=fusion)
+    seen = {}
+    block.norm1.register_forward_hook(lambda m, i, o: seen.__setitem__('input', o))
+    block.local_attn.register_forward_hook(lambda m, i, o: seen.__setitem__('local', o))
+    block.gld.register_forward_pre_hook(lambda m, i: seen.__setitem__('gld', i[0]))
+    block.fusion_attn.register_forward_pre_hook(lambda m, i: seen.__setitem__('query', i[0]))
+    out = block(torch.randn(2, 10, 6, 8))
+    assert out.shape == (2, 10, 6, 8)
+    expected = seen['local'] if fusion == 'sequential' else seen['input']
+    torch.testing.assert_close(seen['gld'], expected)
+    torch.testing.assert_close(seen['query'], seen['local'].reshape(2, 60, 8))
+
+
+def test_window_padding_never_leaks(monkeypatch):
+    attn = LocalWindowAttention(dim=8, num_heads=2, window_size=4)
+    x = torch.randn(2, 6, 9, 8)
+    reference = attn(x)
+    monkeypatch.setattr(maformer, 'pad_to_multiple',
+                        lambda t, m: F.pad(t, (0, 0, 0, -t.shape[2] % m, 0, -t.shape[1] % m),
+                                           value=7.))
+    torch.testing.assert_close(attn(x), reference)
+
+
+# -- backbone API -------------------------------------------------------------------------------
+def test_out_indices_and_their_norms():
+    model = tiny(out_indices=(1, -1))
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 128]
+    assert hasattr(model, 'out_norm1') and hasattr(model, 'out_norm3')
+    assert not hasattr(model, 'out_norm0')
+
+
+def test_frozen_stages():
+    model = tiny(frozen_stages=2)
+    model.train()
+    frozen = [model.patch_embed, model.stages[0], model.stages[1], model.out_norm0,
+              model.out_norm1]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    for module in (model.stages[2], model.stages[3], model.out_norm2):
+        assert module.training and all(p.requires_grad for p in module.parameters())
+
+
+def test_with_cp_gives_the_same_outputs_and_gradients():
+    plain, checkpointed = tiny(), tiny(with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 40, 56)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        sum(o.sum() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_drop_path_rises_linearly_over_blocks():
+    model = tiny(drop_path_rate=0.3)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.
+             for stage in model.stages for b in stage.blocks]
+    assert rates == pytest.approx([0., 0.1, 0.2, 0.3])
+
+
+def test_pretrained_loading_reports_unmatched_keys_by_name(tmp_path):
+    source = tiny()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith('out_norm')}
+    del state['stages.0.blocks.0.gld.pos_embed']
+    state['head.weight'] = torch.zeros(10, 128)
+    path = tmp_path / 'maformer.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in state.items()}}, path)
+
+    model = tiny(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    report = model.load_report
+    assert report.missing == ['stages.0.blocks.0.gld.pos_embed']
+    assert report.unexpected == ['head.weight'] and report.mismatched == []
+    torch.testing.assert_close(model.stages[2].blocks[0].attn.q.weight,
+                               source.stages[2].blocks[0].attn.q.weight)
+
+    # GLD layers built for another pretraining size do not fit, and are named.
+    other = tiny(pretrain_img_size=32, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    other.init_weights()
+    mismatched = [m.split(':')[0] for m in other.load_report.mismatched]
+    assert sorted(mismatched) == ['stages.0.blocks.0.gld.token_fc.bias',
+                                  'stages.0.blocks.0.gld.token_fc.weight',
+                                  'stages.1.blocks.0.gld.pos_embed',
+                                  'stages.1.blocks.0.gld.token_fc.bias',
+                                  'stages.1.blocks.0.gld.token_fc.weight']
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(arch='huge'), 'arch'),
+    (dict(arch=dict(embed_dims=16, depths=(1, 1, 1, 1))), 'num_heads'),
+    (dict(arch=dict(embed_dims=16, depths=(1, 1, 1), num_heads=(1, 2, 2, 4))), 'depths'),
+    (dict(arch=dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(3, 2, 2, 4))), 'num_heads'),
+    (dict(arch=dict(embed_dims=0, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))), 'embed_dims'),
+    (dict(gld_ratio=0.), 'gld_ratio'),
+    (dict(gld_ratio=1.5), 'gld_ratio'),
+    (dict(gld_resize_mode='nearest'), 'gld_resize_mode'),
+    (dict(fusion='both'), 'fusion'),
+    (dict(window_size=0), 'window_size'),
+    (dict(in_channels=0), 'in_channels'),
+    (dict(mlp_ratio=0.), 'mlp_ratio'),
+    (dict(pretrain_img_size=(0, 64)), 'pretrain_img_size'),
+    (dict(out_indices=(4, )), 'out_indices'),
+    (dict(frozen_stages=5), 'frozen_stages'),
+    (dict(drop_path_rate=1.5), 'drop_path_rate'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+@pytest.mark.parametrize('x, match', [
+    (torch.randn(3, 32, 32), '4-D'),
+    (torch.randn(1, 1, 32, 32), 'in_channels'),
+    (torch.randn(1, 3, 0, 32), 'empty'),
+])
+def test_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(x)
+
+
+# -- inside detectors and segmentors ------------------------------------------------------------
+def _tiny_config(name: str):
+    """A project config (configs/<name>) with its MAFormer backbone shrunk to tiny widths."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(Path(__file__).resolve().parents[1] / 'configs' / name))
+    cfg.model.backbone.update(arch=TINY, pretrain_img_size=64)
+    return cfg
+
+
+def test_builds_and_trains_in_mmdet_mask_rcnn():
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    cfg = _tiny_config('mask_rcnn_maformer_t_fpn_1x_coco.py')
+    cfg.model.neck.in_channels = [16, 32, 64, 128]
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    packed = demo_mm_inputs(1, [[3, 224, 224]], num_items=[2], with_mask=True)
+    total, _ = model.parse_losses(model(**model.data_preprocessor(packed, True), mode='loss'))
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.backbone.stages[0].blocks[0].gld.token_fc.weight.grad is not None
+
+
+def test_builds_and_trains_in_mmseg_upernet():
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = _tiny_config('upernet_maformer_t_ade20k.py')
+    cfg.model.decode_head.update(in_channels=[16, 32, 64, 128], channels=32)
+    cfg.model.auxiliary_head.update(in_channels=64, channels=16)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample(metainfo=dict(img_shape=(224, 224), pad_shape=(224, 224)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 224, 224)))
+        samples.append(sample)
+    total, _ = model.parse_losses(model.loss(torch.randn(2, 3, 224, 224), samples))
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.backbone.stages[1].blocks[0].gld.token_fc.weight.grad is not None

@@ -1,0 +1,398 @@
+"""RefinerViT: parity with an independent implementation of the spec, dense-prediction behaviour
+(windows, padding, batch independence, pyramid), checkpoint conversion, freezing, bad input."""
+import math
+import os.path as osp
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmvit_plugins.models.backbones import RefinerViT
+from mmvit_plugins.utils.checkpoint import load_state_dict_report
+
+TINY_ARCH = dict(embed_dims=48, num_layers=4, num_heads=4, mlp_ratio=2.)
+TINY = dict(arch=TINY_ARCH, window_size=4, global_attn_indexes=(2, 3))
+
+
+# -- an independent, literal implementation of the spec on public checkpoint keys -------------
+def public_state_dict(embed: int, depth: int, heads: int, mlp_ratio: float, grid: int = 14,
+                      expansion: int = 3, kernel: int = 3) -> dict:
+    """Random weights under the public code's key names, BN statistics included."""
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+
+    def rand(*shape, std=1.):
+        return torch.randn(*shape, generator=g) * std
+
+    def conv(name, out, inp, k, bias=False):
+        sd[name + '.weight'] = rand(out, inp, k, k, std=(inp * k * k)**-0.5)
+        if bias:
+            sd[name + '.bias'] = rand(out, std=0.1)
+
+    def norm(name, c, bn=True):
+        sd[name + '.weight'] = 1 + rand(c, std=0.2)
+        sd[name + '.bias'] = rand(c, std=0.2)
+        if bn:
+            sd[name + '.running_mean'] = rand(c, std=0.2)
+            sd[name + '.running_var'] = 0.5 + torch.rand(c, generator=g)
+            sd[name + '.num_batches_tracked'] = torch.tensor(100)
+
+    def linear(name, out, inp):
+        sd[name + '.weight'] = rand(out, inp, std=inp**-0.5)
+        sd[name + '.bias'] = rand(out, std=0.1)
+
+    conv('patch_embed.conv1', 32, 3, 7)
+    norm('patch_embed.bn1', 32)
+    conv('patch_embed.conv2', 64, 32, 3)
+    norm('patch_embed.bn2', 64)
+    conv('patch_embed.conv3', 128, 64, 3)
+    norm('patch_embed.bn3', 128)
+    conv('patch_embed.proj', embed, 128, 8, bias=True)
+    sd['cls_token'] = rand(1, 1, embed, std=0.5)
+    sd['pos_embed'] = rand(1, 1 + grid * grid, embed, std=0.5)
+    hidden = int(embed * mlp_ratio)
+    for i in range(depth):
+        p = f'blocks.{i}.'
+        norm(p + 'norm1', embed, bn=False)
+        norm(p + 'norm2', embed, bn=False)
+        if i % 2:
+            linear(p + 'attn.qkv', embed, embed)
+            conv(p + 'attn.DLA.conv_exp', heads * expansion, heads, 1)
+            norm(p + 'attn.DLA.bn1', heads * expansion)
+            sd[p + 'attn.DLA.depth_sep_conv.weight'] = rand(heads * expansion, 1, kernel, kernel,
+                                                            std=1 / kernel)
+            norm(p + 'attn.DLA.bn2', heads * expansion)
+            conv(p + 'attn.DLA.conv_pro', heads, heads * expansion, 1)
+            norm(p + 'attn.DLA.bn3', heads)
+            norm(p + 'attn.adapt_bn', heads)
+        else:
+            linear(p + 'attn.qkv', 3 * embed, embed)
+        linear(p + 'attn.proj', embed, embed)
+        linear(p + 'mlp.fc1', hidden, embed)
+        linear(p + 'mlp.fc2', embed, hidden)
+        sd[p + 'mlp.scale_channel'] = 0.5 + torch.rand(embed, generator=g)
+    norm('norm', embed, bn=False)
+    linear('head', 10, embed)
+    linear('aux_head', 10, embed)
+    return sd
+
+
+def reference_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int) -> torch.Tensor:
+    """Token features (B, 1 + N, C) after the last block, global attention with class token."""
+
+    def bn(x, name):
+        return F.batch_norm(x, sd[name + '.running_mean'], sd[name + '.running_var'],
+                            sd[name + '.weight'], sd[name + '.bias'], False, 0., 1e-5)
+
+    def lin(x, name):
+        return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
+
+    x = F.relu(bn(F.conv2d(img, sd['patch_embed.conv1.weight'], stride=2, padding=3),
+                  'patch_embed.bn1'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv2.weight'], padding=1), 'patch_embed.bn2'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv3.weight'], padding=1), 'patch_embed.bn3'))
+    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=8)
+    x = x.flatten(2).transpose(1, 2)
+    b, n, c = x.shape
+    x = torch.cat([sd['cls_token'].expand(b, 1, c), x], 1) + sd['pos_embed']
+    n += 1
+    d = c // heads
+    scale = d**-0.5
+    prev = None
+    for i in range(depth):
+        p = f'blocks.{i}.'
+        h = F.layer_norm(0.5 * x, (c, ), sd[p + 'norm1.weight'], sd[p + 'norm1.bias'], 1e-6)
+        if i % 2 == 0:
+            q, k, v = lin(h, p + 'attn.qkv').reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+            a = (q * math.sqrt(scale)) @ (k * math.sqrt(scale)).transpose(-2, -1)
+            a = a.softmax(-1)
+            if prev is not None:
+                a = a + scale * prev
+            prev = a
+        else:
+            v = lin(h, p + 'attn.qkv').reshape(b, n, heads, d).transpose(1, 2)
+            dla = p + 'attn.DLA.'
+            e = F.relu6(bn(F.conv2d(prev, sd[dla + 'conv_exp.weight']), dla + 'bn1'))
+            w = sd[dla + 'depth_sep_conv.weight']
+            e = F.relu6(bn(F.conv2d(e, w, padding=w.shape[-1] // 2, groups=w.shape[0]),
+                           dla + 'bn2'))
+            e = bn(F.conv2d(e, sd[dla + 'conv_pro.weight']), dla + 'bn3') + prev
+            a = bn(e, p + 'attn.adapt_bn') * scale
+        y = lin((a @ v).transpose(1, 2).reshape(b, n, c), p + 'attn.proj')
+        x = x + y / 0.5
+        h = F.layer_norm(0.5 * x, (c, ), sd[p + 'norm2.weight'], sd[p + 'norm2.bias'], 1e-6)
+        m = lin(F.gelu(lin(h, p + 'mlp.fc1')), p + 'mlp.fc2') * sd[p + 'mlp.scale_channel']
+        x = x + m / 0.5
+    return x
+
+
+@pytest.fixture(scope='module')
+def public_tiny():
+    return public_state_dict(TINY_ARCH['embed_dims'], TINY_ARCH['num_layers'],
+                             TINY_ARCH['num_heads'], TINY_ARCH['mlp_ratio'])
+
+
+def _load_public(model: RefinerViT, sd: dict):
+    report = load_state_dict_report(model, model.convert_checkpoint(dict(sd)),
+                                    ignore_missing=model._keys_not_in_public_checkpoints)
+    assert report.ok, report.format()
+
+
+def test_matches_independent_reference_at_224_global_with_cls_token(public_tiny):
+    model = RefinerViT(arch=TINY_ARCH, global_attn_indexes='all', with_cls_token=True)
+    _load_public(model, public_tiny)
+    model.double().eval()
+    img = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in public_tiny.items()}
+    with torch.no_grad():
+        (tokens, ), hw = model.forward_tokens(img)
+        expected = reference_tokens(sd, img, TINY_ARCH['num_layers'], TINY_ARCH['num_heads'])
+    assert hw == (14, 14) and tokens.shape == expected.shape == (1, 197, 48)
+    assert expected.abs().max() > 1  # the blocks change the tokens substantially
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+
+
+def test_parameter_count_of_small_equals_public_trunk():
+    model = RefinerViT('small', global_attn_indexes='all', with_cls_token=True)
+    trunk = sum(p.numel() for name, p in model.named_parameters()
+                if not name.startswith(('pyramid', 'out_norm')))
+    assert trunk == 24_637_888
+    assert model.num_features == [384] * 4
+
+
+@pytest.mark.parametrize('arch,count', [('medium', 54_608_092), ('large', 80_123_168)])
+def test_parameter_count_of_medium_and_large_on_meta_device(arch, count):
+    with torch.device('meta'):
+        model = RefinerViT(arch, global_attn_indexes='all', with_cls_token=True)
+    assert sum(p.numel() for name, p in model.named_parameters()
+               if not name.startswith(('pyramid', 'out_norm'))) == count
+
+
+@pytest.mark.parametrize('size,global_blocks', [((224, 224), (2, 3)), ((512, 512), (2, 3)),
+                                                ((800, 1216), ()), ((100, 150), (0, 1))])
+def test_forward_backward_shapes(size, global_blocks):
+    model = RefinerViT(**dict(TINY, window_size=14, global_attn_indexes=global_blocks,
+                              drop_path_rate=0.1))
+    outs = model(torch.randn(1, 3, *size))
+    h, w = math.ceil(size[0] / 16), math.ceil(size[1] / 16)
+    assert [o.shape for o in outs] == [(1, 48, 4 * h, 4 * w), (1, 48, 2 * h, 2 * w),
+                                       (1, 48, h, w), (1, 48, math.ceil(h / 2), math.ceil(w / 2))]
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_padded_window_equals_global_attention_on_the_same_tokens(public_tiny):
+    """A 3x4 grid in one 4x4 window: the padding row is masked (softmax keys, refiner convs,
+    values), so windowed refined attention equals global refined attention on the 12 tokens."""
+    windowed = RefinerViT(**dict(TINY, global_attn_indexes=()))
+    global_ = RefinerViT(**dict(TINY, global_attn_indexes='all'))
+    for model in (windowed, global_):
+        _load_public(model, public_tiny)
+        model.double().eval()
+    img = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        (a, ), hw = windowed.forward_tokens(img)
+        (b, ), _ = global_.forward_tokens(img)
+    assert hw == (3, 4)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train_norm_eval'])
+def test_images_of_a_batch_do_not_influence_each_other(public_tiny, mode):
+    model = RefinerViT(**dict(TINY, norm_eval=True))
+    _load_public(model, public_tiny)
+    model.double().train(mode != 'eval')
+    imgs = torch.randn(2, 3, 88, 120, dtype=torch.float64)  # 6x8 grid: partial windows
+    batch = model(imgs)
+    single = model(imgs[1:])
+    for out_batch, out_single in zip(batch, single):
+        torch.testing.assert_close(out_batch[1:], out_single, rtol=0, atol=1e-10)
+
+
+def test_position_embedding_is_interpolated_to_the_grid():
+    model = RefinerViT(**TINY).eval()
+    with torch.no_grad():
+        (tokens, ), hw = model.forward_tokens(torch.randn(1, 3, 200, 328))
+    assert hw == (13, 21) and tokens.shape == (1, 13 * 21, 48)
+
+
+def test_out_indices_and_pyramid_block_indexes():
+    model = RefinerViT(**TINY, out_indices=(1, 3), pyramid_block_indexes=(0, 1, 2, 1))
+    assert {name.split('.')[1] for name, _ in model.pyramid.named_parameters(prefix='p')} == \
+        {'level1'}
+    assert not hasattr(model, 'out_norm0') and model._feature_blocks == [1]
+    outs = model(torch.randn(1, 3, 64, 96))
+    assert [o.shape for o in outs] == [(1, 48, 8, 12), (1, 48, 2, 3)]
+    sum(o.mean() for o in outs).backward()
+    # only blocks up to the deepest feeding block run
+    assert model.blocks[2].attn.qkv.weight.grad is None
+    assert model.blocks[1].attn.v.weight.grad is not None
+
+
+def test_with_cp_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = RefinerViT(**TINY, norm_eval=True)
+    checkpointed = RefinerViT(**TINY, norm_eval=True, with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    img = torch.randn(1, 3, 64, 80)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        outs = model(img)
+        sum((o**2).mean() for o in outs).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_frozen_stages_freezes_embeddings_and_first_blocks():
+    model = RefinerViT(**TINY, frozen_stages=2)
+    model.train()
+    frozen = ['patch_embed.', 'pos_embed', 'blocks.0.', 'blocks.1.']
+    for name, param in model.named_parameters():
+        assert param.requires_grad != name.startswith(tuple(frozen)), name
+    assert not model.patch_embed.bn1.training and not model.blocks[1].attn.adapt_bn.training
+    assert model.blocks[3].attn.adapt_bn.training
+
+
+def test_drop_path_increases_linearly():
+    model = RefinerViT(**TINY, drop_path_rate=0.3)
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)
+    assert model.blocks[3].drop_path.drop_prob == pytest.approx(0.3)
+
+
+def test_default_global_blocks_are_a_quarter_of_the_blocks_in_pairs():
+    with torch.device('meta'):
+        small = RefinerViT('small')
+        large = RefinerViT('large')
+    assert [i for i, b in enumerate(small.blocks) if not b.attn.window_size] == [6, 7, 14, 15]
+    assert [i for i, b in enumerate(large.blocks) if not b.attn.window_size] == \
+        [6, 7, 14, 15, 22, 23, 30, 31]
+
+
+def test_pretrained_init_cfg_converts_public_checkpoint(tmp_path, public_tiny):
+    sd = public_state_dict(48, 4, 4, 2., grid=24)  # a 384x384 checkpoint
+    sd['blocks.0.attn.unknown'] = torch.zeros(1)
+    path = osp.join(tmp_path, 'refiner.pth')
+    torch.save({'model': sd}, path)
+    model = RefinerViT(**TINY, pretrain_img_size=256,
+                       init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    report = model.load_report
+    assert report.unexpected == ['blocks.0.attn.unknown']
+    assert not report.missing and not report.mismatched
+    assert model.pos_embed.shape == (1, 256, 48)
+    torch.testing.assert_close(model.blocks[1].attn.v.weight, sd['blocks.1.attn.qkv.weight'])
+    torch.testing.assert_close(model.blocks[1].attn.dla.bn1.running_var,
+                               sd['blocks.1.attn.DLA.bn1.running_var'])
+    # a converted checkpoint converts to itself
+    converted = model.convert_checkpoint(dict(model.state_dict()))
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+def test_converter_drops_heads_and_keeps_class_token_only_when_used(public_tiny):
+    plain = RefinerViT(**TINY).convert_checkpoint(dict(public_tiny))
+    assert not any(k.startswith(('head.', 'aux_head.', 'norm.', 'cls_token')) for k in plain)
+    assert plain['pos_embed'].shape == (1, 196, 48)
+    torch.testing.assert_close(plain['pos_embed'], public_tiny['pos_embed'][:, 1:])
+    with_cls = RefinerViT(arch=TINY_ARCH, global_attn_indexes='all',
+                          with_cls_token=True).convert_checkpoint(dict(public_tiny))
+    assert with_cls['pos_embed'].shape == (1, 197, 48) and 'cls_token' in with_cls
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(arch='huge'), 'arch'),
+    (dict(arch=dict(embed_dims=48, num_layers=4)), 'num_heads'),
+    (dict(arch=dict(TINY_ARCH, num_heads=5)), 'num_heads'),
+    (dict(arch=dict(TINY_ARCH, num_layers=0)), 'num_layers'),
+    (dict(window_size=0), 'window_size'),
+    (dict(global_attn_indexes=(2, )), 'global_attn_indexes'),
+    (dict(global_attn_indexes=(0, 1, 9)), 'global_attn_indexes'),
+    (dict(global_attn_indexes='some'), 'global_attn_indexes'),
+    (dict(with_cls_token=True), 'with_cls_token'),
+    (dict(pyramid_block_indexes=(0, 1)), 'pyramid_block_indexes'),
+    (dict(pyramid_block_indexes=(0, 1, 2, 4)), 'pyramid_block_indexes'),
+    (dict(out_indices=(4, )), 'out_indices'),
+    (dict(frozen_stages=5), 'frozen_stages'),
+    (dict(drop_path_rate=1.5), 'drop_path_rate'),
+    (dict(pretrain_img_size=100), 'pretrain_img_size'),
+    (dict(dla_kernel_size=0), 'dla_kernel_size'),
+    (dict(in_channels=0), 'in_channels'),
+])
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RefinerViT(**dict(TINY, **kwargs))
+
+
+@pytest.mark.parametrize('x,match', [(torch.zeros(1, 4, 32, 32), 'in_channels'),
+                                     (torch.zeros(3, 32, 32), '4-D'),
+                                     (torch.zeros(1, 3, 0, 32), 'empty')])
+def test_bad_input_raises_value_error(x, match):
+    with pytest.raises(ValueError, match=match):
+        RefinerViT(**TINY)(x)
+
+
+def _mim_config(package: str, path: str):
+    import importlib
+
+    from mmengine.config import Config
+    root = osp.dirname(importlib.import_module(package).__file__)
+    return Config.fromfile(osp.join(root, '.mim', 'configs', path))
+
+
+def _refiner_backbone() -> dict:
+    return dict(type='RefinerViT', **dict(TINY, window_size=2, global_attn_indexes=(2, 3)))
+
+
+def test_drops_into_mmdet_swin_mask_rcnn_config_with_only_in_channels_changed():
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+    register_all_modules(init_default_scope=False)
+    cfg = _mim_config('mmdet', 'swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py')
+    cfg.model.backbone = _refiner_backbone()
+    cfg.model.neck.in_channels = [48] * 4
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+        packed = demo_mm_inputs(2, [[3, 160, 224], [3, 224, 192]], num_items=[3, 2],
+                                with_mask=True)
+        data = model.data_preprocessor(packed, True)
+        losses = model(**data, mode='loss')
+    loss = sum(v if isinstance(v, torch.Tensor) else sum(v) for k, v in losses.items()
+               if 'loss' in k)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_drops_into_mmseg_swin_upernet_config_with_only_in_channels_changed():
+    from mmengine.registry import DefaultScope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    cfg = _mim_config(
+        'mmseg', 'swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py')
+    cfg.model.backbone = _refiner_backbone()
+    cfg.model.decode_head.in_channels = [48] * 4
+    cfg.model.auxiliary_head.in_channels = 48
+    # for test speed only (the config trains 512x512 crops with 512 head channels)
+    cfg.model.data_preprocessor.size = (128, 128)
+    cfg.model.decode_head.channels = 32
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
+        samples = []
+        for _ in range(2):
+            sample = SegDataSample()
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 128, 128)))
+            samples.append(sample)
+        data = model.data_preprocessor(
+            dict(inputs=[torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)] * 2,
+                 data_samples=samples), True)
+        losses = model(**data, mode='loss')
+    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.backbone.blocks[0].attn.qkv.weight.grad is not None

@@ -1,0 +1,197 @@
+"""Latency and peak memory of backbones, side by side, at several input sizes.
+
+    python tools/analysis/benchmark_backbones.py \
+        --models BOATSwin:arch=tiny BOATCSWin:arch=tiny mmdet.SwinTransformer \
+        --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--backward] [--device cuda]
+
+A model spec is ``Type[:key=value,key=value]``; ``Type`` is a registered mmvit_plugins backbone
+or ``mmdet.X`` / ``mmseg.X`` for a backbone of those codebases, values are Python literals
+(anything else is taken as a string). Each (model, size, batch) runs in its own process so that
+peak memory is its own: on CUDA ``max_memory_allocated``; on CPU the growth of the process's peak
+resident memory over the resident memory just before the first forward (weights and input
+excluded). Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the worker's data) or
+``--timeout`` are reported as such instead of taking the machine down.
+"""
+import argparse
+import ast
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+WORKER_FLAG = '--worker'
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict]:
+    name, _, rest = spec.partition(':')
+    kwargs = {}
+    for item in filter(None, _split_top_level(rest)):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'model spec {spec!r}: expected key=value, got {item!r}')
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value
+    return name, kwargs
+
+
+def _split_top_level(text: str) -> List[str]:
+    """Split on commas that are not inside brackets: 'a=(1,2),b=3' -> ['a=(1,2)', 'b=3']."""
+    parts, depth, current = [], 0, ''
+    for char in text:
+        depth += char in '([{'
+        depth -= char in ')]}'
+        if char == ',' and depth == 0:
+            parts.append(current)
+            current = ''
+        else:
+            current += char
+    return parts + [current]
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'size {text!r} must look like HxW, e.g. 512x512')
+    return h, w
+
+
+def build_backbone(name: str, kwargs: Dict):
+    if name.startswith('mmdet.'):
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        register_all_modules()
+        name = name[len('mmdet.'):]
+    elif name.startswith('mmseg.'):
+        from mmseg.registry import MODELS
+        from mmseg.utils import register_all_modules
+        register_all_modules()
+        name = name[len('mmseg.'):]
+    else:
+        from mmengine.registry import MODELS
+
+        import mmvit_plugins  # noqa: F401
+    return MODELS.build(dict(type=name, **kwargs))
+
+
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def run_worker(args: argparse.Namespace) -> Dict:
+    """Measure one (model, size, batch) in this process; returns the row as a dict."""
+    import torch
+
+    if args.device == 'cpu' and args.max_mem_gb:
+        limit = int(args.max_mem_gb * 2**30) + _rss_bytes() + 2**30
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    torch.manual_seed(0)
+    name, kwargs = parse_spec(args.models[0])
+    model = build_backbone(name, kwargs).to(args.device)
+    model.train(args.backward)
+    h, w = args.sizes[0]
+    x = torch.randn(args.batch_sizes[0], 3, h, w, device=args.device)
+
+    def step():
+        if args.backward:
+            out = model(x)
+            sum(o.float().mean() for o in out).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(x)
+        if args.device.startswith('cuda'):
+            torch.cuda.synchronize()
+
+    base = _rss_bytes()
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for i in range(args.warmup + args.repeats):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if args.device.startswith('cuda'):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return dict(latency_ms=1000 * statistics.median(times), peak_mb=max(peak, 0) / 2**20,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', required=True, help='model specs (see above)')
+    parser.add_argument('--sizes', nargs='+', type=parse_size, default=[(224, 224)])
+    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
+    parser.add_argument('--backward', action='store_true', help='time forward + backward')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--max-mem-gb', type=float, default=8.0)
+    parser.add_argument('--timeout', type=float, default=600.0, help='seconds per run')
+    parser.add_argument('--json', help='also write the rows to this JSON file')
+    parser.add_argument(WORKER_FLAG, action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    for spec in args.models:
+        parse_spec(spec)  # fail early on a malformed spec
+
+    rows = []
+    mode = 'fwd+bwd' if args.backward else 'fwd'
+    header = (f'| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) |\n'
+              f'|---|---|---|---|---|---|---|')
+    print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
+          f'median of {args.repeats} after {args.warmup} warm-up')
+    print(header, flush=True)
+    for h, w in args.sizes:
+        for batch in args.batch_sizes:
+            for spec in args.models:
+                cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec, '--sizes',
+                       f'{h}x{w}', '--batch-sizes', str(batch), '--device', args.device,
+                       '--threads', str(args.threads), '--warmup', str(args.warmup),
+                       '--repeats', str(args.repeats), '--max-mem-gb', str(args.max_mem_gb)]
+                if args.backward:
+                    cmd.append('--backward')
+                row = dict(model=spec, input=f'{h}x{w}', batch=batch, mode=mode)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True,
+                                          timeout=args.timeout)
+                    if proc.returncode == 0:
+                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    else:
+                        oom = 'out of memory' in proc.stderr.lower() or 'memoryerror' in \
+                            proc.stderr.lower() or proc.returncode in (-9, 137)
+                        row['error'] = (f'OOM (> {args.max_mem_gb:g} GB)' if oom else
+                                        proc.stderr.strip().splitlines()[-1][:120])
+                except subprocess.TimeoutExpired:
+                    row['error'] = f'timeout (> {args.timeout:g} s)'
+                rows.append(row)
+                if 'error' in row:
+                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - |",
+                          flush=True)
+                else:
+                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | {row['params_m']:.2f} | "
+                          f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Distributed training on one or more nodes with torchrun and mmengine's `pytorch` launcher.
+#
+#   bash tools/dist_train.sh CONFIG NPROC [tools/train.py options...]
+#
+# NPROC processes on this node (one per GPU). Multi-node: set NNODES, NODE_RANK, MASTER_ADDR
+# (and PORT) on every node. Without CUDA the processes use gloo on CPU (see docs/get_started.md).
+set -euo pipefail
+if [[ $# -lt 2 ]]; then
+    echo "usage: $0 CONFIG NPROC [train.py options...]" >&2
+    exit 2
+fi
+config=$1
+nproc=$2
+shift 2
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
+    --nproc_per_node="$nproc" \
+    "$repo/tools/train.py" "$config" --launcher pytorch "$@"

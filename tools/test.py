@@ -1,0 +1,79 @@
+"""Evaluate a checkpoint of an mmdet or mmseg config that uses mmvit_plugins backbones.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out PATH] [--show-dir DIR]
+                         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
+"""
+import argparse
+import os
+import os.path as osp
+
+from mmvit_plugins.utils.checkpoint import allow_full_checkpoint_loading
+
+allow_full_checkpoint_loading()  # before anything may call torch.load
+
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmvit_plugins.utils.runtime import DictAction, config_scope, prepare_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
+    parser.add_argument(
+        '--out', help='mmdet: a .pkl file for the raw predictions; '
+        'mmseg: a directory for the predicted label maps')
+    parser.add_argument('--show-dir', help='directory where painted predictions are saved')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings in the config, key=value pairs (xxx=yyy format)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def enable_visualization(cfg, scope: str, show_dir: str) -> None:
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise ValueError('--show-dir needs a "visualization" entry in default_hooks')
+    hook['draw'] = True
+    hook['interval'] = 1
+    if scope == 'mmdet':
+        hook['test_out_dir'] = osp.abspath(show_dir)
+    else:
+        cfg.visualizer['save_dir'] = osp.abspath(show_dir)
+
+
+def add_output(cfg, scope: str, out: str) -> None:
+    if scope == 'mmdet':
+        if not out.endswith(('.pkl', '.pickle')):
+            raise ValueError(f'--out={out!r}: mmdet predictions are dumped to a .pkl/.pickle file')
+        dump = dict(type='DumpDetResults', out_file_path=out)
+        evaluator = cfg.test_evaluator
+        cfg.test_evaluator = (list(evaluator) if isinstance(evaluator, (list, tuple))
+                              else [evaluator]) + [dump]
+    else:
+        cfg.test_evaluator['output_dir'] = out
+        cfg.test_evaluator['keep_results'] = True
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = prepare_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+    scope = config_scope(cfg)
+    cfg.load_from = args.checkpoint
+    if args.show_dir:
+        enable_visualization(cfg, scope, args.show_dir)
+    if args.out:
+        add_output(cfg, scope, args.out)
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()

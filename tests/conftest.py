@@ -5,8 +5,13 @@ import torch
 # The smallest sensible configuration of each registered backbone; tests that run every
 # backbone (registry, mm model integration) use these. Every exported backbone must be here.
 TINY_BACKBONES = {
+    'BOATSwin': dict(arch=dict(embed_dims=8, depths=(2, 2, 2, 1), num_heads=(1, 1, 2, 2))),
+    'BOATCSWin': dict(arch=dict(embed_dims=8, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2),
+                                split_sizes=(1, 2, 7, 7))),
     'RefinerViT': dict(arch=dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.),
                        window_size=4, global_attn_indexes=(2, 3)),
+    'MAFormer': dict(arch=dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+                     pretrain_img_size=64),
 }
 
 

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin
-from mmvit_plugins.models.backbones.boat import (CrossShapedWindowAttention, _rename,
-                                                 swin_attention_mask)
+from mmvit_plugins.models.backbones.boat import (
+    CrossShapedWindowAttention,
+    _rename,
+    swin_attention_mask,
+)
 
 TINY = {
     BOATSwin: dict(arch=dict(embed_dims=8, depths=[2, 2, 2, 1], num_heads=[1, 1, 2, 2])),

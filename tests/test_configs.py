@@ -24,7 +24,7 @@ TOY_SIZE = 64
 # Small custom archs (one per backbone type) for the step tests: same code paths, few channels.
 TINY_ARCHS = {
     'BOATSwin': dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
-    'BOATCSWin': dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+    'BOATCSWin': dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4),
                       split_sizes=(1, 2, 7, 7)),
     'MAFormer': dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
     'RefinerViT': dict(embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=2.),
@@ -57,7 +57,15 @@ def _registered(type_name: str) -> bool:
 
 @lru_cache(maxsize=None)
 def _full_widths(type_name: str, arch: str):
-    return list(MODELS.get(type_name)(arch=arch).num_features)
+    """The preset's output widths, from a build with the fewest blocks (widths do not depend on
+    depth)."""
+    cls = MODELS.get(type_name)
+    preset = dict(cls.arch_zoo[arch])
+    if 'depths' in preset:
+        preset['depths'] = [1] * len(preset['depths'])
+    if 'num_layers' in preset:
+        preset['num_layers'] = 2
+    return list(cls(arch=preset).num_features)
 
 
 def test_every_backbone_has_configs():

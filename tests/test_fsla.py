@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmvit_plugins.models.layers.fsla import (FeatureSpaceLocalAttention, balanced_clustering,
-                                              group_layout)
+from mmvit_plugins.models.layers.fsla import (
+    FeatureSpaceLocalAttention,
+    balanced_clustering,
+    group_layout,
+)
 
 
 def _split(feats: torch.Tensor, tokens: List[int]) -> Tuple[List[int], List[int]]:

@@ -38,7 +38,7 @@ def prepare_config(config: str, cfg_options: Optional[dict] = None, launcher: st
     """Load a config, apply ``--cfg-options``, set launcher and work dir, and register modules.
 
     SyncBN needs CUDA: without it (CPU runs, also distributed with gloo) the model's SyncBN
-    layers become BN, with a warning saying so.
+    layers become BN, with a warning saying so, and a ``pytorch``-launched run uses gloo.
     """
     cfg = Config.fromfile(config)
     if cfg_options:
@@ -50,6 +50,8 @@ def prepare_config(config: str, cfg_options: Optional[dict] = None, launcher: st
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
     if not torch.cuda.is_available():
+        if launcher == 'pytorch':
+            init_cpu_distributed(cfg)
         converted = replace_sync_bn(cfg.model)
         if converted:
             print_log(f'CUDA is not available: {converted} SyncBN layer config(s) switched to BN '
@@ -57,6 +59,21 @@ def prepare_config(config: str, cfg_options: Optional[dict] = None, launcher: st
                       logger='current', level=30)
     register_scope(scope)
     return cfg
+
+
+def init_cpu_distributed(cfg: Config) -> None:
+    """Start a gloo process group for a CPU run under torchrun (``--launcher pytorch``).
+
+    mmengine's pytorch launcher calls ``torch.cuda.set_device``, and DDP's default
+    ``device_ids`` name a GPU; without CUDA both fail, so the group is started here and DDP wraps
+    the CPU module.
+    """
+    import torch.distributed as dist
+    cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = 'gloo'
+    cfg.setdefault('model_wrapper_cfg', dict(type='MMDistributedDataParallel'))
+    cfg.model_wrapper_cfg['device_ids'] = None
+    if not dist.is_initialized():
+        dist.init_process_group('gloo')
 
 
 def register_scope(scope: str) -> None:

@@ -5,9 +5,10 @@
 import argparse
 import os.path as osp
 
+import numpy as np
 from mmengine.registry import DATASETS, VISUALIZERS
 
-from mmvit_plugins.utils.runtime import DictAction, prepare_config
+from mmvit_plugins.utils.runtime import DictAction, config_scope, prepare_config
 
 
 def main() -> None:
@@ -23,14 +24,16 @@ def main() -> None:
     dataset = DATASETS.build(cfg.train_dataloader.dataset)
     visualizer = VISUALIZERS.build(cfg.visualizer)
     visualizer.dataset_meta = dataset.metainfo
+    # mmseg's class-name labels do not draw with opencv 5, and hide small images anyway.
+    extra = dict(with_labels=False) if config_scope(cfg) == 'mmseg' else {}
     for index in range(min(args.num, len(dataset))):
         item = dataset[index]
         sample = item['data_samples']
-        image = item['inputs'].permute(1, 2, 0).numpy()[..., ::-1]  # BGR -> RGB
+        image = np.ascontiguousarray(item['inputs'].permute(1, 2, 0).numpy()[..., ::-1])  # RGB
         name = osp.splitext(osp.basename(sample.img_path))[0]
         out_file = osp.join(args.out_dir, f'{index:03d}_{name}.png')
         visualizer.add_datasample(name, image, sample, draw_pred=False, show=False,
-                                  out_file=out_file)
+                                  out_file=out_file, **extra)
         print(out_file)
 
 

@@ -38,7 +38,7 @@ TASKS = {
                 size=128, crop=96, num_train=48, iters=120, lr=1e-3, batch_size=4, min_gain=10.0,
                 metrics=('mIoU', )),
     'det': dict(config='configs/mask_rcnn_boat_swin_t_fpn_1x_coco.py', data_root='data/toy_coco',
-                size=160, crop=0, num_train=64, iters=240, lr=2e-4, batch_size=2, min_gain=0.05,
+                size=128, crop=0, num_train=48, iters=144, lr=2e-4, batch_size=2, min_gain=0.05,
                 metrics=('coco/bbox_mAP', 'coco/segm_mAP')),
 }
 

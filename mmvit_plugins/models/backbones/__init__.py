@@ -1,7 +1,5 @@
+from .boat import BOATCSWin, BOATSwin
+from .maformer import MAFormer
 from .refiner_vit import RefinerViT
-__all__ = []
-__all__ += ['RefinerViT']
-from .boat import BOATCSWin, BOATSwin  # noqa: E402
-__all__ += ['BOATSwin', 'BOATCSWin']
-from .maformer import MAFormer  # noqa: E402
-__all__ += ['MAFormer']
+
+__all__ = ['BOATCSWin', 'BOATSwin', 'MAFormer', 'RefinerViT']

@@ -63,6 +63,11 @@ def check_input(x: torch.Tensor, in_channels: int) -> None:
         raise ValueError(f'input has an empty dimension: {tuple(x.shape)}')
 
 
+def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks."""
+    return [rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
 def check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ValueError(f'{name}={value} is out of range; allowed values: [{low}, {high}]')

@@ -15,11 +15,25 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..layers import (PatchMerging, WindowMSA, masked_attention, pad_to_multiple,
-                      window_partition, window_reverse)
+from ..layers import (
+    Mlp,
+    PatchMerging,
+    WindowMSA,
+    masked_attention,
+    pad_to_multiple,
+    window_partition,
+    window_reverse,
+)
 from ..layers.fsla import FeatureSpaceLocalAttention
-from .base import (PyramidBackbone, check_heads, check_input, check_out_indices, check_range,
-                   resolve_arch)
+from .base import (
+    PyramidBackbone,
+    drop_path_rates,
+    check_heads,
+    check_input,
+    check_out_indices,
+    check_range,
+    resolve_arch,
+)
 
 _ARCH_KEYS = ('embed_dims', 'depths', 'num_heads')
 
@@ -73,25 +87,6 @@ def _check_arch(arch: dict, extra: Sequence[str] = ()) -> Tuple[int, List[int]]:
     widths = [embed_dims * 2**i for i in range(4)]
     check_heads(widths, arch['num_heads'])
     return embed_dims, widths
-
-
-def _drop_path_rates(rate: float, num_blocks: int) -> List[float]:
-    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks."""
-    return [rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on (..., C) tokens; keys ``fc1``, ``fc2`` as in the public models."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Module):
@@ -305,7 +300,7 @@ class BOATSwin(PyramidBackbone):
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims, 4, 4)
         self.drop_after_pos = nn.Dropout(drop_rate)
-        dpr = _drop_path_rates(drop_path_rate, sum(arch['depths']))
+        dpr = drop_path_rates(drop_path_rate, sum(arch['depths']))
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(arch['depths'], arch['num_heads'])):
             rates, dpr = dpr[:depth], dpr[depth:]
@@ -540,7 +535,7 @@ class BOATCSWin(PyramidBackbone):
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims, 7, 4, 2)
         self.drop_after_pos = nn.Dropout(drop_rate)
-        dpr = _drop_path_rates(drop_path_rate, sum(arch['depths']))
+        dpr = drop_path_rates(drop_path_rate, sum(arch['depths']))
         self.stages = nn.ModuleList()
         for i, (depth, heads, split) in enumerate(
                 zip(arch['depths'], arch['num_heads'], arch['split_sizes'])):

@@ -15,6 +15,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..layers import (
+    Mlp,
     PatchMerging,
     WindowMSA,
     nhwc_to_nchw,
@@ -24,6 +25,7 @@ from ..layers import (
 )
 from .base import (
     PyramidBackbone,
+    drop_path_rates,
     check_heads,
     check_input,
     check_out_indices,
@@ -33,20 +35,6 @@ from .base import (
 
 FUSIONS = ('parallel', 'sequential')
 GLD_RESIZE_MODES = ('bilinear', 'area')
-
-
-class Mlp(nn.Module):
-    """Transformer MLP: (..., C) -> (..., C) through a GELU hidden layer of ``hidden`` units."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Attention(nn.Module):
@@ -334,7 +322,7 @@ class MAFormer(PyramidBackbone):
         self.patch_embed = PatchEmbed(in_channels, embed_dims)
         self.drop_after_embed = nn.Dropout(drop_rate)
         total = sum(depths)
-        drop_paths = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        drop_paths = drop_path_rates(drop_path_rate, total)
         grid = tuple(math.ceil(s / 4) for s in self.pretrain_img_size)
         self.stages = nn.ModuleList()
         for i, (depth, dim, heads) in enumerate(zip(depths, self.num_features, num_heads)):

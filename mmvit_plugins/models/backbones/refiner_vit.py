@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from mmvit_plugins.models.layers import (LayerNorm2d, SimpleFeaturePyramid, pad_to_multiple,
                                          resize_pos_embed, window_partition, window_reverse)
 
-from .base import (PyramidBackbone, check_heads, check_input, check_out_indices, check_range,
+from .base import (PyramidBackbone, check_heads, drop_path_rates, check_input, check_out_indices, check_range,
                    resolve_arch)
 
 PATCH_SIZE = 16
@@ -338,7 +338,7 @@ class RefinerViT(PyramidBackbone):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.num_extra_tokens + self.pos_grid[0] * self.pos_grid[1],
                         embed_dims))
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        rates = drop_path_rates(drop_path_rate, num_layers)
         self.blocks = nn.ModuleList([
             RefinerBlock(embed_dims, arch['num_heads'], arch['mlp_ratio'], share=i % 2 == 1,
                          window_size=0 if i in global_blocks else window_size,

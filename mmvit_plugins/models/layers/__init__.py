@@ -1,13 +1,12 @@
 from .attention import WindowMSA, masked_attention
 from .embed import PatchMerging, resize_pos_embed
+from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout
+from .mlp import Mlp
 from .pyramid import LayerNorm2d, SimpleFeaturePyramid
-from .window import (nchw_to_nhwc, nhwc_to_nchw, pad_to_multiple, window_partition,
-                     window_reverse)
+from .window import nhwc_to_nchw, pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
-    'WindowMSA', 'masked_attention', 'PatchMerging', 'resize_pos_embed', 'nchw_to_nhwc',
-    'nhwc_to_nchw', 'pad_to_multiple', 'window_partition', 'window_reverse'
+    'FeatureSpaceLocalAttention', 'LayerNorm2d', 'Mlp', 'PatchMerging', 'SimpleFeaturePyramid',
+    'WindowMSA', 'balanced_clustering', 'group_layout', 'masked_attention', 'nhwc_to_nchw',
+    'pad_to_multiple', 'resize_pos_embed', 'window_partition', 'window_reverse'
 ]
-__all__ += ['LayerNorm2d', 'SimpleFeaturePyramid']
-from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout  # noqa: E402
-__all__ += ['FeatureSpaceLocalAttention', 'balanced_clustering', 'group_layout']

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import masked_attention
-
 
 class _Level(NamedTuple):
     """One split of ``g`` groups of ``n`` slots into ``2g`` groups of ``n / 2`` slots."""
@@ -121,7 +119,6 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
     """
     rows, num_tokens, dim = x.shape
     x = F.pad(x, (0, 0, 0, layout.num_slots - num_tokens))
-    flat = x.reshape(-1, dim)
     inv_norm = x.norm(dim=-1).clamp_min(1e-12).reciprocal().flatten()
     order = torch.arange(layout.num_slots, device=x.device).expand(rows, -1)
     feats, feats_inv_norm = x.unsqueeze(1), inv_norm.view(rows, 1, 1, -1)
@@ -145,9 +142,12 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
         order = order.view(rows, groups, n).gather(-1, within).view(rows, 2 * groups, n // 2)
         if depth == len(layout.levels) - 1:
             break
-        index = _flat_index(order.view(rows, -1), layout.num_slots)
-        feats = flat.index_select(0, index).view(rows, 2 * groups, n // 2, dim)
-        feats_inv_norm = inv_norm.index_select(0, index).view(rows, 2 * groups, 1, n // 2)
+        # children are permutations inside their parent's span: gathering from the previous
+        # level's features keeps the reads local (cache-friendly), unlike reads in token order
+        index = _flat_index(within.view(rows * groups, n), n)
+        feats = feats.reshape(-1, dim).index_select(0, index).view(rows, 2 * groups, n // 2, dim)
+        feats_inv_norm = feats_inv_norm.reshape(-1).index_select(0, index).view(
+            rows, 2 * groups, 1, n // 2)
     return order.reshape(rows, -1)
 
 
@@ -220,8 +220,14 @@ class FeatureSpaceLocalAttention(nn.Module):
         q_g = source.index_select(0, q_row.flatten()).view(rows, groups, -1, d)
         k_g = source.index_select(0, k_row.flatten()).view(rows, groups, -1, d)
         v_g = source.index_select(0, (k_row + heads).flatten()).view(rows, groups, -1, d)
-        out = masked_attention(q_g, k_g, v_g, scale=self.scale,
-                               key_padding_mask=layout.key_padding)
+        mask = None
+        if layout.key_padding is not None:
+            # every group has real keys, so no softmax row is fully masked; a mask expanded to
+            # the full (rows, G, s, s + o) shape lets SDPA take its fused CPU kernel
+            mask = torch.zeros(layout.key_padding.shape, dtype=q_g.dtype, device=q_g.device)
+            mask = mask.masked_fill_(layout.key_padding, float('-inf')).expand(
+                rows, -1, q_g.shape[-2], -1)
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
 
         # the slot of every real token (padding slots all land in the dropped column n)
         slot_of_token = torch.empty(rows, n + 1, dtype=torch.long, device=qkv.device)

@@ -4,8 +4,11 @@ import torch
 from mmengine.logging import MMLogger
 from torch import nn
 
-from mmvit_plugins.utils.checkpoint import (extract_state_dict, load_checkpoint_file,
-                                            load_state_dict_report)
+from mmvit_plugins.utils.checkpoint import (
+    extract_state_dict,
+    load_checkpoint_file,
+    load_state_dict_report,
+)
 
 
 def _weights():

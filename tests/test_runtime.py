@@ -8,7 +8,8 @@ from mmvit_plugins.utils.runtime import config_scope, replace_sync_bn
 def test_replace_sync_bn_everywhere():
     model = dict(backbone=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)),
                  decode_head=dict(norm_cfg=dict(type='SyncBN')),
-                 auxiliary_head=[dict(norm_cfg=dict(type='SyncBN')), dict(norm_cfg=dict(type='GN'))])
+                 auxiliary_head=[dict(norm_cfg=dict(type='SyncBN')),
+                                 dict(norm_cfg=dict(type='GN'))])
     assert replace_sync_bn(model) == 3
     assert model['backbone']['norm_cfg'] == dict(type='BN', requires_grad=True)
     assert model['auxiliary_head'][1]['norm_cfg']['type'] == 'GN'

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 from mmengine.config import Config
-from mmengine.registry import DATASETS, DefaultScope
+from mmengine.registry import DATASETS, MODELS, DefaultScope
 
 from mmvit_plugins.utils.runtime import register_scope
 
@@ -95,9 +95,15 @@ def test_toy_overrides_seg_config_loads_data(tmp_path):
     assert pipeline['RandomCrop']['crop_size'] == (48, 48)
     register_scope('mmseg')
     with DefaultScope.overwrite_default_scope('mmseg'):
-        item = DATASETS.build(cfg.train_dataloader.dataset)[0]
+        dataset = DATASETS.build(cfg.train_dataloader.dataset)
         val = DATASETS.build(cfg.val_dataloader.dataset)
-    assert tuple(item['inputs'].shape) == (3, 48, 48)
+        preprocessor = MODELS.build(cfg.model.data_preprocessor)
+    # A random down-scale may leave the image smaller than the crop; the preprocessor pads it.
+    items = [dataset[i % len(dataset)] for i in range(4)]
+    assert all(max(item['inputs'].shape[1:]) <= 48 for item in items)
+    batch = preprocessor(dict(inputs=[i['inputs'] for i in items],
+                              data_samples=[i['data_samples'] for i in items]), training=True)
+    assert tuple(batch['inputs'].shape) == (4, 3, 48, 48)
     assert len(val) == 1
 
 

@@ -36,7 +36,8 @@ def load_checkpoint_file(path: str, map_location: str = 'cpu') -> dict:
         return torch.load(path, map_location=map_location)
 
 
-def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> 'OrderedDict[str, torch.Tensor]':
+def extract_state_dict(checkpoint: Mapping,
+                       use_ema: bool = False) -> 'OrderedDict[str, torch.Tensor]':
     """The model weights inside a checkpoint, without DataParallel/mm wrapper prefixes.
 
     Args:
@@ -56,8 +57,9 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> 'OrderedDi
                 break
     if state is None:
         if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            raise ValueError('checkpoint holds no state dict: expected tensors or one of the keys '
-                             f'{(_EMA_KEY,) + _CONTAINER_KEYS}, found keys {sorted(checkpoint)[:10]}')
+            raise ValueError('checkpoint holds no state dict: expected tensors or one of the '
+                             f'keys {(_EMA_KEY,) + _CONTAINER_KEYS}, found keys '
+                             f'{sorted(checkpoint)[:10]}')
         state = checkpoint
     out = OrderedDict()
     for key, value in state.items():
@@ -106,13 +108,14 @@ def load_state_dict_report(module: nn.Module,
         if key not in own:
             unexpected.append(key)
         elif own[key].shape != value.shape:
-            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
+            mismatched.append(
+                f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
         else:
             loadable[key] = value
     module.load_state_dict(loadable, strict=False)
     missing = [k for k in own if k not in state_dict and not any(s in k for s in ignore_missing)]
     report = LoadReport(missing, unexpected, mismatched)
     level = 'current' if logger is None else logger
-    print_log(f'{type(module).__name__}: loaded {len(loadable)}/{len(own)} tensors; {report.format()}',
-              logger=level)
+    print_log(f'{type(module).__name__}: loaded {len(loadable)}/{len(own)} tensors; '
+              f'{report.format()}', logger=level)
     return report

@@ -58,7 +58,8 @@ def parse_size(text: str) -> Tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} must look like HxW, e.g. 512x512')
+        raise argparse.ArgumentTypeError(
+            f'size {text!r} must look like HxW, e.g. 512x512') from None
     return h, w
 
 
@@ -154,8 +155,8 @@ def main() -> None:
 
     rows = []
     mode = 'fwd+bwd' if args.backward else 'fwd'
-    header = (f'| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) |\n'
-              f'|---|---|---|---|---|---|---|')
+    header = ('| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) |\n'
+              '|---|---|---|---|---|---|---|')
     print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
           f'median of {args.repeats} after {args.warmup} warm-up')
     print(header, flush=True)

@@ -15,8 +15,11 @@ import torch
 from mmengine.logging import print_log
 
 from mmvit_plugins.models.backbones import RefinerViT
-from mmvit_plugins.utils.checkpoint import (extract_state_dict, load_checkpoint_file,
-                                            load_state_dict_report)
+from mmvit_plugins.utils.checkpoint import (
+    extract_state_dict,
+    load_checkpoint_file,
+    load_state_dict_report,
+)
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,8 +6,11 @@ from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from torch import nn
 
-from mmvit_plugins.utils.checkpoint import (extract_state_dict, load_checkpoint_file,
-                                            load_state_dict_report)
+from mmvit_plugins.utils.checkpoint import (
+    extract_state_dict,
+    load_checkpoint_file,
+    load_state_dict_report,
+)
 
 
 def resolve_arch(arch: Union[str, Mapping], arch_zoo: Mapping[str, Mapping],

@@ -27,11 +27,11 @@ from ..layers import (
 from ..layers.fsla import FeatureSpaceLocalAttention
 from .base import (
     PyramidBackbone,
-    drop_path_rates,
     check_heads,
     check_input,
     check_out_indices,
     check_range,
+    drop_path_rates,
     resolve_arch,
 )
 

@@ -25,11 +25,11 @@ from ..layers import (
 )
 from .base import (
     PyramidBackbone,
-    drop_path_rates,
     check_heads,
     check_input,
     check_out_indices,
     check_range,
+    drop_path_rates,
     resolve_arch,
 )
 

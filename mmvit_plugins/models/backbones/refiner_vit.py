@@ -18,11 +18,24 @@ from mmengine.registry import MODELS
 from torch import nn
 from torch.nn import functional as F
 
-from mmvit_plugins.models.layers import (LayerNorm2d, SimpleFeaturePyramid, pad_to_multiple,
-                                         resize_pos_embed, window_partition, window_reverse)
+from mmvit_plugins.models.layers import (
+    LayerNorm2d,
+    SimpleFeaturePyramid,
+    pad_to_multiple,
+    resize_pos_embed,
+    window_partition,
+    window_reverse,
+)
 
-from .base import (PyramidBackbone, check_heads, drop_path_rates, check_input, check_out_indices, check_range,
-                   resolve_arch)
+from .base import (
+    PyramidBackbone,
+    check_heads,
+    check_input,
+    check_out_indices,
+    check_range,
+    drop_path_rates,
+    resolve_arch,
+)
 
 PATCH_SIZE = 16
 # Every public block scales its input by this before the norms and divides the branches by it.

@@ -89,3 +89,14 @@ def test_browse_dataset(tmp_path):
                '--num', '2', '--cfg-options', f'train_dataloader.dataset.data_root={root}')
     assert len([line for line in out.splitlines() if line.endswith('.png')]) == 2
     assert len(list((tmp_path / 'vis').glob('*.png'))) == 2
+
+
+def test_get_flops_counts_scaled_dot_product_attention():
+    class Attend(torch.nn.Module):
+        def forward(self, q):
+            k = torch.ones(1, 2, 7, 4)
+            v = torch.ones(1, 2, 7, 3)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    # q k^T: 2 heads * 5 queries * 7 keys * 4 dims; attn v: 2 * 5 * 7 * 3.
+    assert get_flops.count_flops(Attend(), torch.ones(1, 2, 5, 4)) == 2 * 5 * 7 * (4 + 3)

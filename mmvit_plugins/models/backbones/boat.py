@@ -246,8 +246,37 @@ class BOATSwinStage(_Stage):
         return [args[block.shifted] for block in self.blocks]
 
 
+class _BOATBackbone(PyramidBackbone):
+    """What BOAT-Swin and BOAT-CSWin share: patch embedding, four stages, per-output norms."""
+
+    def _add_out_norms(self, widths: Sequence[int]) -> None:
+        for i in self.out_indices:
+            self.add_module(f'out_norm{i}', nn.LayerNorm(widths[i]))
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, in_channels, H, W) -> NCHW maps of strides 4 * 2**i, one per ``out_indices``."""
+        check_input(x, self.in_channels)
+        x = self.drop_after_pos(self.patch_embed(x))
+        outs = []
+        for i, stage in enumerate(self.stages):
+            out, x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'out_norm{i}')(out).permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
+
+    def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
+        """As mmdet's Swin: the stem, then stage i (with its downsampling) and its output norm."""
+        modules = [self.patch_embed] if frozen_stages >= 0 else []
+        for i in range(frozen_stages):
+            modules.append(self.stages[i])
+            if i in self.out_indices:
+                modules.append(getattr(self, f'out_norm{i}'))
+        return modules
+
+
 @MODELS.register_module()
-class BOATSwin(PyramidBackbone):
+class BOATSwin(_BOATBackbone):
     """BOAT-Swin: Swin Transformer with feature-space local attention in its shifted blocks.
 
     Args:
@@ -313,16 +342,7 @@ class BOATSwin(PyramidBackbone):
             ]
             downsample = PatchMerging(widths[i], widths[i + 1]) if i < 3 else None
             self.stages.append(BOATSwinStage(blocks, downsample, with_cp))
-        for i in self.out_indices:
-            self.add_module(f'out_norm{i}', nn.LayerNorm(widths[i]))
-        self.apply(_init_weights)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """(B, in_channels, H, W) -> NCHW maps of strides 4 * 2**i, one per ``out_indices``."""
-        return _pyramid_forward(self, x)
-
-    def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
-        return _frozen_modules(self, frozen_stages)
+        self._add_out_norms(widths)
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Public BOAT-Swin keys -> this module's.
@@ -365,27 +385,6 @@ def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     grid = table.t().reshape(1, -1, src, src).float()
     grid = F.interpolate(grid, size=(dst, dst), mode='bicubic', align_corners=False)
     return grid.reshape(-1, dst * dst).t().to(table.dtype)
-
-
-def _pyramid_forward(model: PyramidBackbone, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    check_input(x, model.in_channels)
-    x = model.drop_after_pos(model.patch_embed(x))
-    outs = []
-    for i, stage in enumerate(model.stages):
-        out, x = stage(x)
-        if i in model.out_indices:
-            outs.append(getattr(model, f'out_norm{i}')(out).permute(0, 3, 1, 2).contiguous())
-    return tuple(outs)
-
-
-def _frozen_modules(model: PyramidBackbone, frozen_stages: int) -> List[nn.Module]:
-    """As mmdet's Swin: the stem, then stage i (with its downsampling) and its output norm."""
-    modules = [model.patch_embed] if frozen_stages >= 0 else []
-    for i in range(frozen_stages):
-        modules.append(model.stages[i])
-        if i in model.out_indices:
-            modules.append(getattr(model, f'out_norm{i}'))
-    return modules
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +477,7 @@ class BOATCSWinBlock(_FSLAMixin, nn.Module):
 
 
 @MODELS.register_module()
-class BOATCSWin(PyramidBackbone):
+class BOATCSWin(_BOATBackbone):
     """BOAT-CSWin: CSWin Transformer with feature-space local attention in its even blocks.
 
     Args:
@@ -552,16 +551,7 @@ class BOATCSWin(PyramidBackbone):
             ]
             downsample = ConvMerge(widths[i], widths[i + 1]) if i < 3 else None
             self.stages.append(_Stage(blocks, downsample, with_cp))
-        for i in self.out_indices:
-            self.add_module(f'out_norm{i}', nn.LayerNorm(widths[i]))
-        self.apply(_init_weights)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """(B, in_channels, H, W) -> NCHW maps of strides 4 * 2**i, one per ``out_indices``."""
-        return _pyramid_forward(self, x)
-
-    def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
-        return _frozen_modules(self, frozen_stages)
+        self._add_out_norms(widths)
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Public BOAT-CSWin keys -> this module's.

@@ -24,6 +24,8 @@ import time
 from typing import Dict, List, Tuple
 
 WORKER_FLAG = '--worker'
+# How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
+OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
 
 
 def parse_spec(spec: str) -> Tuple[str, Dict]:
@@ -176,8 +178,8 @@ def main() -> None:
                     if proc.returncode == 0:
                         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                     else:
-                        oom = 'out of memory' in proc.stderr.lower() or 'memoryerror' in \
-                            proc.stderr.lower() or proc.returncode in (-9, 137)
+                        err = proc.stderr.lower()
+                        oom = any(m in err for m in OOM_MESSAGES) or proc.returncode in (-9, 137)
                         row['error'] = (f'OOM (> {args.max_mem_gb:g} GB)' if oom else
                                         proc.stderr.strip().splitlines()[-1][:120])
                 except subprocess.TimeoutExpired:

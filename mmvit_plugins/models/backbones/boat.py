@@ -21,6 +21,7 @@ from ..layers import (
     WindowMSA,
     masked_attention,
     pad_to_multiple,
+    window_padding_mask,
     window_partition,
     window_reverse,
 )
@@ -439,11 +440,9 @@ class CrossShapedWindowAttention(nn.Module):
         v_windows = window_partition(v, win)
         pos = lepe(v_windows.transpose(1, 2).reshape(-1, c, *win))
         pos = pos.view(-1, heads, c // heads, length).transpose(-1, -2)
-        key_padding = None
-        if (hp, wp) != (h, w):
-            padding = torch.ones(1, hp, wp, 1, dtype=torch.bool, device=q.device)
-            padding[:, :h, :w] = False
-            key_padding = window_partition(padding, win).view(-1, 1, 1, length).repeat(b, 1, 1, 1)
+        key_padding = window_padding_mask((h, w), win, q.device)
+        if key_padding is not None:
+            key_padding = key_padding.view(-1, 1, 1, length).repeat(b, 1, 1, 1)
         out = masked_attention(split_heads(q), split_heads(k), split_heads(v),
                                key_padding_mask=key_padding) + pos
         out = window_reverse(out.transpose(1, 2).reshape(-1, length, c), win, hp, wp)

@@ -20,6 +20,7 @@ from ..layers import (
     WindowMSA,
     nhwc_to_nchw,
     pad_to_multiple,
+    window_padding_mask,
     window_partition,
     window_reverse,
 )
@@ -79,20 +80,21 @@ class LocalWindowAttention(nn.Module):
         self.attn = WindowMSA(dim, num_heads, window_size, qkv_bias=qkv_bias,
                               attn_drop=attn_drop, proj_drop=proj_drop)
 
-    def padding_mask(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
-        """(num_windows, n, n) additive mask, -inf on padded keys, for the padded map ``x``."""
-        valid = x.new_zeros((1, ) + x.shape[1:3] + (1, ))
-        valid[:, :h, :w] = 1
-        valid = window_partition(valid, self.window_size).squeeze(-1)
-        n = valid.shape[1]
-        mask = torch.zeros_like(valid).masked_fill(valid == 0, float('-inf'))
-        return mask[:, None, :].expand(-1, n, -1)
+    def padding_mask(self, h: int, w: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """(num_windows, n, n) additive mask, -inf on padded keys, for an (h, w) map; None when
+        the map needs no padding."""
+        padding = window_padding_mask((h, w), self.window_size, x.device)
+        if padding is None:
+            return None
+        mask = torch.zeros(padding.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(padding, float('-inf'))
+        return mask[:, None, :].expand(-1, padding.shape[1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[1:3]
         x = pad_to_multiple(x, self.window_size)
         hp, wp = x.shape[1:3]
-        mask = self.padding_mask(h, w, x) if (hp, wp) != (h, w) else None
+        mask = self.padding_mask(h, w, x)
         windows = self.attn(window_partition(x, self.window_size), mask)
         return window_reverse(windows, self.window_size, hp, wp)[:, :h, :w]
 

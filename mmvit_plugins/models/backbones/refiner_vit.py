@@ -23,6 +23,7 @@ from mmvit_plugins.models.layers import (
     SimpleFeaturePyramid,
     pad_to_multiple,
     resize_pos_embed,
+    window_padding_mask,
     window_partition,
     window_reverse,
 )
@@ -41,18 +42,6 @@ PATCH_SIZE = 16
 # Every public block scales its input by this before the norms and divides the branches by it.
 ADJUST_RATIO = 0.5
 _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
-
-
-def window_token_mask(hw: Tuple[int, int], window_size: int, batch: int,
-                      device: torch.device) -> Optional[torch.Tensor]:
-    """(batch * num_windows, ws * ws) bool, True for real tokens, in ``window_partition`` order
-    of the (h, w) grid padded to the window; ``None`` when the grid needs no padding."""
-    h, w = hw
-    if h % window_size == 0 and w % window_size == 0:
-        return None
-    ones = torch.ones(1, h, w, 1, device=device)
-    valid = window_partition(pad_to_multiple(ones, window_size), window_size)[..., 0] > 0
-    return valid.repeat(batch, 1)
 
 
 class DistributedLocalAttention(nn.Module):
@@ -122,7 +111,8 @@ class RefinedAttention(nn.Module):
         h, w = hw
         x = pad_to_multiple(x.view(b, h, w, c), self.window_size)
         hp, wp = x.shape[1:3]
-        valid = window_token_mask(hw, self.window_size, b, x.device)
+        padding = window_padding_mask(hw, self.window_size, x.device)
+        valid = None if padding is None else (~padding).repeat(b, 1)
         out, attn = self._attend(window_partition(x, self.window_size), prev, valid)
         out = window_reverse(out, self.window_size, hp, wp)[:, :h, :w].reshape(b, n, c)
         return self.proj(out), attn

@@ -1,5 +1,5 @@
 """Padding to a window multiple and window partitioning of (B, H, W, C) maps."""
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,3 +36,16 @@ def window_reverse(windows: torch.Tensor, window: Union[int, Tuple[int, int]], h
     b = windows.shape[0] // ((h // wh) * (w // ww))
     x = windows.view(b, h // wh, w // ww, wh, ww, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def window_padding_mask(hw: Tuple[int, int], window: Union[int, Tuple[int, int]],
+                        device: torch.device) -> Optional[torch.Tensor]:
+    """(num_windows, wh * ww) bool, True for the tokens that :func:`pad_to_multiple` adds to an
+    (H, W) map, in :func:`window_partition` order; ``None`` when the map needs no padding."""
+    mh, mw = (window, window) if isinstance(window, int) else window
+    h, w = hw
+    if h % mh == 0 and w % mw == 0:
+        return None
+    padding = torch.ones(1, h + -h % mh, w + -w % mw, 1, dtype=torch.bool, device=device)
+    padding[:, :h, :w] = False
+    return window_partition(padding, (mh, mw)).squeeze(-1)

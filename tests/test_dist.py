@@ -1,11 +1,14 @@
-"""Distributed training on CPU: tools/dist_train.sh runs 2 processes (torchrun, gloo) of
-tools/train.py for 2 iterations on toy data with a tiny model."""
+"""Distributed runs on CPU: tools/dist_train.sh runs 2 processes (torchrun, gloo) of
+tools/train.py for 2 iterations on toy data with a tiny model, and tools/dist_test.sh evaluates
+the checkpoint it wrote with 2 processes of tools/test.py."""
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 from mmengine.config import Config
 
@@ -45,13 +48,31 @@ def test_dist_train_two_cpu_processes(tmp_path):
     cfg.dump(str(config))
 
     work_dir = tmp_path / 'work'
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        ['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc, log = _run_script('dist_train.sh', config, '2', '--work-dir', work_dir)
     assert proc.returncode == 0, log
     assert (work_dir / 'iter_2.pth').is_file(), log
     logs = list(work_dir.rglob('*.log'))
     assert logs and 'Iter(train) [2/2]' in logs[0].read_text(), log
-    assert "'mIoU'" in log or 'mIoU' in logs[0].read_text()
+    assert 'mIoU' in logs[0].read_text(), log
+
+    test_dir = tmp_path / 'test'
+    proc, log = _run_script('dist_test.sh', config, work_dir / 'iter_2.pth', '2',
+                            '--work-dir', test_dir)
+    assert proc.returncode == 0, log
+    logs = list(test_dir.rglob('*.log'))
+    assert logs and 'Iter(test) [1/1]' in logs[0].read_text() and 'mIoU' in logs[0].read_text(), log
+
+
+def _run_script(script: str, *args) -> Tuple[subprocess.CompletedProcess, str]:
+    """Run ``tools/<script>`` under torchrun on a free port; return it and a log for failures:
+    the exit status, every line that names an error, and the tails of both streams."""
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', f'tools/{script}', *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines()
+              if re.search(r'Error|Traceback|Signal|exitcode|Aborted|Segmentation', line)]
+    log = (f'{script} exited with {proc.returncode}\nerror lines:\n' + '\n'.join(errors[-40:])
+           + f'\n--- stdout tail ---\n{proc.stdout[-2000:]}\n--- stderr tail ---\n'
+           f'{proc.stderr[-2000:]}')
+    return proc, log

@@ -14,7 +14,12 @@ allow_full_checkpoint_loading()  # before anything may call torch.load
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmvit_plugins.utils.runtime import DictAction, config_scope, prepare_config  # noqa: E402
+from mmvit_plugins.utils.runtime import (  # noqa: E402
+    DictAction,
+    config_scope,
+    prepare_config,
+    shut_down_distributed,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +78,7 @@ def main(argv=None) -> None:
         add_output(cfg, scope, args.out)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.test()
+    shut_down_distributed()
 
 
 if __name__ == '__main__':

@@ -13,7 +13,11 @@ allow_full_checkpoint_loading()  # before anything may call torch.load
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmvit_plugins.utils.runtime import DictAction, prepare_config  # noqa: E402
+from mmvit_plugins.utils.runtime import (  # noqa: E402
+    DictAction,
+    prepare_config,
+    shut_down_distributed,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +55,7 @@ def main(argv=None) -> None:
         cfg.resume, cfg.load_from = True, args.resume
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
+    shut_down_distributed()
 
 
 if __name__ == '__main__':

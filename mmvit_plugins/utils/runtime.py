@@ -76,6 +76,19 @@ def init_cpu_distributed(cfg: Config) -> None:
         dist.init_process_group('gloo')
 
 
+def shut_down_distributed() -> None:
+    """Destroy the default process group, if one was started, once every rank got here.
+
+    Left to interpreter shutdown, gloo's worker threads may still hold tensors whose release
+    needs the interpreter, and the process aborts after an otherwise successful run (torchrun
+    then reports the job as failed). Call it after ``runner.train()`` / ``runner.test()``.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def register_scope(scope: str) -> None:
     """Import the codebase's modules and ours into the registries, with ``scope`` as default."""
     import mmvit_plugins  # noqa: F401

@@ -1,5 +1,6 @@
 """BOAT-Swin and BOAT-CSWin backbones: API, any input size, checkpoints, parameter counts."""
 import re
+from math import inf
 
 import pytest
 import torch
@@ -106,7 +107,28 @@ def test_swin_mask_hides_padding_and_other_regions():
     real[10:] = False
     real[:, 12:] = False
     real3 = real[7:, 7:].flatten()
-    assert (plain[3][real3][:, ~real3] == -100).all() and (plain[3][real3][:, real3] == 0).all()
+    assert (plain[3][real3][:, ~real3] == -inf).all() and (plain[3][real3][:, real3] == 0).all()
+    assert (plain[3][~real3][:, real3] == -inf).all() and (plain[3][~real3][:, ~real3] == 0).all()
+    # shifted: real tokens of different regions are kept apart with Swin's -100
+    shifted = swin_attention_mask((14, 14), (14, 14), 7, 3, torch.device('cpu'))
+    assert set(shifted.unique().tolist()) == {0., -100.}
+
+
+def test_padded_windows_produce_no_subnormal_floats():
+    """At initialisation (zero qkv bias) padded queries must output exact zeros, not
+    e^-100-weighted values: subnormal floats slow every later CPU matmul by 10-50x."""
+    torch.manual_seed(0)
+    # head widths of 32 as in the presets: the fused CPU attention kernel of narrower heads
+    # happens to flush the tiny weights to zero
+    model = BOATSwin(arch=dict(embed_dims=64, depths=[1, 1, 1, 1], num_heads=[2, 2, 4, 4])).eval()
+    subnormal = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda mod, args, out: subnormal.append(
+                int(((args[0] != 0) & (args[0].abs() < torch.finfo(args[0].dtype).tiny)).sum())))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 60, 76))
+    assert subnormal and not any(subnormal)
 
 
 def test_cross_shaped_padding_equals_cropped_windows():

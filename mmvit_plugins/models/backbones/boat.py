@@ -144,10 +144,12 @@ class _FSLAMixin:
 # --------------------------------------------------------------------------------------------
 def swin_attention_mask(padded_hw: Tuple[int, int], hw: Tuple[int, int], window_size: int,
                         shift_size: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Additive (num_windows, ws*ws, ws*ws) mask (0 / -100 as in Swin) for a padded map.
+    """Additive (num_windows, ws*ws, ws*ws) mask for a padded map.
 
-    Tokens of different shifted-window regions, and padding, never attend to each other. The
-    map is the (hp, wp) padded one, rolled by ``-shift_size``; None when nothing is masked.
+    Tokens of different shifted-window regions never attend to each other (-100, as in Swin and
+    the public checkpoints), nor do padding and real tokens (-inf: every token still sees
+    itself). The map is the (hp, wp) padded one, rolled by ``-shift_size``; None when nothing
+    is masked.
     """
     (hp, wp), (h, w) = padded_hw, hw
     if not shift_size and (hp, wp) == (h, w):
@@ -164,8 +166,11 @@ def swin_attention_mask(padded_hw: Tuple[int, int], hw: Tuple[int, int], window_
     padding = torch.roll(padding, (-shift_size, -shift_size), (0, 1))
     region = region.masked_fill(padding, -1).view(1, hp, wp, 1)
     region = window_partition(region, window_size).squeeze(-1)
-    mask = region[:, None, :] != region[:, :, None]
-    return mask.float() * -100.
+    mask = (region[:, None, :] != region[:, :, None]).float() * -100.
+    # Not -100 here: a padded query would then output e^-100-weighted real values, subnormal
+    # floats that make every later matmul over the padded windows 10-50x slower on CPU.
+    is_padding = region < 0
+    return mask.masked_fill(is_padding[:, None, :] != is_padding[:, :, None], float('-inf'))
 
 
 class BOATSwinBlock(_FSLAMixin, nn.Module):

@@ -1,16 +1,14 @@
 """tools/analysis/benchmark_backbones.py: model specs, sizes and one measured row."""
 import argparse
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'tools' / 'analysis' / 'benchmark_backbones.py'
-spec = importlib.util.spec_from_file_location('benchmark_backbones', SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from .helpers import ROOT, load_tool
+
+SCRIPT = ROOT / 'tools' / 'analysis' / 'benchmark_backbones.py'
+bench = load_tool('tools/analysis/benchmark_backbones.py')
 
 
 def test_parse_spec_literals_nested_commas_and_strings():

@@ -1,10 +1,8 @@
 """Every config under configs/ loads, states its settings, builds its model, and runs one train
 step and one test step on toy data (backbone and heads shrunk through config overrides)."""
 import copy
-import importlib.util
 import math
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from mmengine.registry import DATASETS, MODELS, DefaultScope
 
 from mmvit_plugins.utils.runtime import config_scope, register_scope, replace_sync_bn
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, load_tool
+
 CONFIGS = sorted(p for p in (ROOT / 'configs').glob('*.py'))
 SEG_CONFIGS = [p for p in CONFIGS if p.name.startswith('upernet_')]
 DET_CONFIGS = [p for p in CONFIGS if p.name.startswith('mask_rcnn_')]
@@ -31,15 +30,7 @@ TINY_ARCHS = {
 }
 
 
-def _load_toy_module():
-    path = ROOT / 'tools' / 'misc' / 'make_toy_dataset.py'
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy_module()
+toy = load_tool('tools/misc/make_toy_dataset.py')
 
 
 @pytest.fixture(scope='module')

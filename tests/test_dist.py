@@ -1,27 +1,18 @@
 """Distributed runs on CPU: tools/dist_train.sh runs 2 processes (torchrun, gloo) of
 tools/train.py for 2 iterations on toy data with a tiny model, and tools/dist_test.sh evaluates
 the checkpoint it wrote with 2 processes of tools/test.py."""
-import importlib.util
 import os
 import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Tuple
 
 from mmengine.config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, load_tool
+
 CONFIG = ROOT / 'configs' / 'upernet_maformer_s_ade20k.py'
-
-
-def _load_toy_module():
-    path = ROOT / 'tools' / 'misc' / 'make_toy_dataset.py'
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _free_port() -> int:
@@ -31,7 +22,7 @@ def _free_port() -> int:
 
 
 def test_dist_train_two_cpu_processes(tmp_path):
-    toy = _load_toy_module()
+    toy = load_tool('tools/misc/make_toy_dataset.py')
     root = toy.make_seg_toy(str(tmp_path / 'ade'), num_train=4, num_val=1, size=64)
     cfg = Config.fromfile(str(CONFIG))
     toy.toy_overrides(cfg, 'seg', str(root), 64)

@@ -1,32 +1,19 @@
 """tools/analysis/get_flops.py, tools/analysis/benchmark.py, tools/misc/browse_dataset.py and
 tools/misc/demo.py on small inputs."""
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from mmengine.analysis import get_model_complexity_info
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, load_tool
+
 SEG_CONFIG = ROOT / 'configs' / 'upernet_maformer_s_ade20k.py'
 DET_CONFIG = ROOT / 'configs' / 'mask_rcnn_maformer_s_fpn_1x_coco.py'
 TINY = {'model.backbone.arch': dict(_delete_=True, embed_dims=16, depths=(1, 1, 1, 1),
                                     num_heads=(1, 2, 2, 4)),
         'model.backbone.init_cfg': None}
-
-
-def _load(relative: str):
-    path = ROOT / relative
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
 
 
 def _run(*args: str, timeout: int = 300) -> str:
@@ -36,7 +23,7 @@ def _run(*args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
-get_flops = _load('tools/analysis/get_flops.py')
+get_flops = load_tool('tools/analysis/get_flops.py')
 
 
 def test_get_flops_seg_model():
@@ -83,7 +70,7 @@ def test_get_flops_and_benchmark_cli():
 
 
 def test_browse_dataset(tmp_path):
-    toy = _load('tools/misc/make_toy_dataset.py')
+    toy = load_tool('tools/misc/make_toy_dataset.py')
     root = toy.make_seg_toy(str(tmp_path / 'ade'), num_train=2, num_val=1, size=64)
     out = _run('tools/misc/browse_dataset.py', str(SEG_CONFIG), '--out-dir', str(tmp_path / 'vis'),
                '--num', '2', '--cfg-options', f'train_dataloader.dataset.data_root={root}')

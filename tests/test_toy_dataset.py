@@ -1,6 +1,5 @@
 """The toy datasets: seeded, idempotent, in ADE20K / COCO layout, loadable by mmseg/mmdet, and
 the config adaptation that points a full-size config at them."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,18 +11,9 @@ from mmengine.registry import DATASETS, MODELS, DefaultScope
 
 from mmvit_plugins.utils.runtime import register_scope
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, load_tool
 
-
-def _load_toy_module():
-    path = ROOT / 'tools' / 'misc' / 'make_toy_dataset.py'
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy_module()
+toy = load_tool('tools/misc/make_toy_dataset.py')
 
 
 def _files(root: Path):

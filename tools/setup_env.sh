@@ -119,7 +119,7 @@ have_torch=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split(
 # --- mmcv: built once per (mmcv, torch, python), kept outside the repo -----------------------------
 "${pip[@]}" install -q -r "$req/build.txt"
 if [[ -z $wheel ]]; then
-    say "building mmcv $mmcv_version with ops against torch $torch_version (one time, ~15-20 min on 2 cores)"
+    say "building mmcv $mmcv_version with ops against torch $torch_version (one time, 6-18 min on 2 cores)"
     build_dir=$(mktemp -d)
     log=$cache/mmcv-build.log
     mkdir -p "$cache"

@@ -24,6 +24,18 @@ def _run(*args: str, timeout: int = 300) -> str:
 
 
 get_flops = load_tool('tools/analysis/get_flops.py')
+benchmark = load_tool('tools/analysis/benchmark.py')
+TINY_HEADS = {
+    SEG_CONFIG: {'model.decode_head.in_channels': [16, 32, 64, 128],
+                 'model.decode_head.channels': 16, 'model.auxiliary_head.in_channels': 64,
+                 'model.auxiliary_head.channels': 8},
+    DET_CONFIG: {'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 16,
+                 'model.rpn_head.in_channels': 16, 'model.rpn_head.feat_channels': 16,
+                 'model.roi_head.bbox_roi_extractor.out_channels': 16,
+                 'model.roi_head.bbox_head.in_channels': 16,
+                 'model.roi_head.mask_roi_extractor.out_channels': 16,
+                 'model.roi_head.mask_head.in_channels': 16},
+}
 
 
 def test_get_flops_seg_model():
@@ -67,6 +79,41 @@ def test_get_flops_and_benchmark_cli():
     out = _run('tools/analysis/benchmark.py', str(SEG_CONFIG), '--part', 'backbone',
                '--shape', '64', '--warmup', '1', '--iters', '1')
     assert 'latency:' in out and 'throughput:' in out and 'peak memory:' in out
+
+
+@pytest.mark.parametrize('config', [SEG_CONFIG, DET_CONFIG], ids=['mmseg', 'mmdet'])
+def test_train_step_updates_every_trained_parameter(config):
+    model, step = benchmark.build_train_step(str(config), (64, 64), 2, 'cpu',
+                                             dict(TINY, **TINY_HEADS[config]))
+    backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
+    step()
+    changed = [not torch.equal(b, p) for b, p in zip(backbone_before, model.backbone.parameters())]
+    assert sum(changed) > 0.9 * len(changed)
+
+
+def test_synthetic_batches_hold_labels():
+    seg = benchmark.synthetic_batch('mmseg', (32, 48), 2, 150)
+    assert [tuple(x.shape) for x in seg['inputs']] == [(3, 32, 48)] * 2
+    labels = torch.cat([s.gt_sem_seg.data for s in seg['data_samples']])
+    assert labels.shape == (2, 32, 48) and 0 <= labels.min() and labels.max() < 150
+    det = benchmark.synthetic_batch('mmdet', (32, 48), 2, 80)
+    instances = det['data_samples'][0].gt_instances
+    assert len(instances) == benchmark.NUM_BOXES and instances.masks.masks.shape[1:] == (32, 48)
+    assert benchmark.find_num_classes({'a': [{'b': 1}, {'num_classes': 19}]}) == 19
+
+
+def test_benchmark_train_cli_and_bad_arguments(tmp_path):
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(SEG_CONFIG))
+    cfg.merge_from_dict(dict(TINY, **TINY_HEADS[SEG_CONFIG]))
+    config = tmp_path / 'tiny.py'
+    cfg.dump(str(config))
+    out = _run('tools/analysis/benchmark.py', str(config), '--train', '--shape', '64',
+               '--batch-size', '2', '--warmup', '1', '--iters', '1')
+    assert 'mode: train step' in out and 'peak memory:' in out
+    proc = subprocess.run([sys.executable, 'tools/analysis/benchmark.py', str(config), '--train',
+                           '--part', 'backbone'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and '--part=backbone is not allowed' in proc.stderr
 
 
 def test_browse_dataset(tmp_path):

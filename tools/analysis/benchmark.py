@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from get_flops import build_forward, parse_shape
+from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS
 from torch import nn
@@ -70,7 +71,8 @@ def build_train_step(config: str, shape: Tuple[int, int], batch: int, device: st
     if num_classes is None:
         raise ValueError(f'{config}: no num_classes in the model config; --train needs one to '
                          'make labels')
-    model = MODELS.build(cfg.model).to(device).train()
+    # one process, as mmengine's Runner does without a launcher: SyncBN layers become BN
+    model = revert_sync_batchnorm(MODELS.build(cfg.model)).to(device).train()
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     data = model.data_preprocessor(
         synthetic_batch(config_scope(cfg), shape, batch, num_classes), training=True)

@@ -118,8 +118,8 @@ def test_padded_windows_produce_no_subnormal_floats():
     """At initialisation (zero qkv bias) padded queries must output exact zeros, not
     e^-100-weighted values: subnormal floats slow every later CPU matmul by 10-50x."""
     torch.manual_seed(0)
-    # head widths of 32 as in the presets: the fused CPU attention kernel of narrower heads
-    # happens to flush the tiny weights to zero
+    # head width 32 as in the presets: with the -100 mask, the tiny models' 8-wide heads
+    # happened to give no subnormal outputs, these do
     model = BOATSwin(arch=dict(embed_dims=64, depths=[1, 1, 1, 1], num_heads=[2, 2, 4, 4])).eval()
     subnormal = []
     for module in model.modules():

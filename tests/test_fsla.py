@@ -81,9 +81,9 @@ def test_matches_reference_at_any_token_count(hw):
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('overlap', [0, 3, 8])
-def test_small_group_and_overlap_options(overlap):
-    module = _module(heads=4, group_size=8, overlap=overlap)
+@pytest.mark.parametrize('overlap,qkv_bias', [(0, True), (3, False), (8, True)])
+def test_small_group_overlap_and_bias_options(overlap, qkv_bias):
+    module = _module(heads=4, group_size=8, overlap=overlap, qkv_bias=qkv_bias)
     x = torch.randn(1, 6 * 7, 16, dtype=torch.float64)
     torch.testing.assert_close(module(x, (6, 7)), _reference_fsla(module, x, (6, 7)),
                                atol=1e-5, rtol=0)
@@ -99,6 +99,30 @@ def test_clustering_matches_reference_groups():
         for slots, tokens in zip(order[row].tolist(), groups):
             assert slots[:len(tokens)] == tokens
             assert all(t >= 400 for t in slots[len(tokens):])
+
+
+@pytest.mark.parametrize('num_tokens', [49 * 8, 400])
+def test_clustering_takes_strided_inputs(num_tokens):
+    """The queries of every image and head, read in place from a (B, N, heads, 3, d) tensor."""
+    qkv = torch.randn(2, num_tokens, 3, 3, 8, dtype=torch.float64)
+    layout = group_layout(num_tokens, 49, 20)
+    queries = qkv[..., 0, :].transpose(1, 2)
+    assert not queries.is_contiguous()
+    assert torch.equal(balanced_clustering(queries, layout),
+                       balanced_clustering(queries.reshape(6, num_tokens, 8), layout))
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (9, 31)])
+def test_gradients_match_reference(hw):
+    module = _module(heads=4)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    grads = []
+    for forward in (module, lambda *args: _reference_fsla(module, *args)):
+        inputs = [x, *module.parameters()]
+        grads.append(torch.autograd.grad(forward(x, hw), inputs, cotangent))
+    for name, ours, reference in zip(['x', *dict(module.named_parameters())], *grads):
+        torch.testing.assert_close(ours, reference, atol=1e-8, rtol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize('num_tokens', [50, 97, 130, 3800, 49 * 64])

@@ -24,19 +24,21 @@ from torch import nn
 
 class _Level(NamedTuple):
     """One split of ``g`` groups of ``n`` slots into ``2g`` groups of ``n / 2`` slots."""
-    real: torch.Tensor          # (g, n) bool: slot holds a real token
-    halves: torch.Tensor        # (g, 2, n): indicators of the first half and of the whole group
-    child_slots: torch.Tensor   # (g, n): sorted position that fills each child slot
-    has_padding: bool
+    padding: Optional[torch.Tensor]      # (g, n) bool: slot holds padding; None if none does
+    halves: torch.Tensor                 # (g, 2, n): indicators of the two halves' real tokens
+    child_slots: Optional[torch.Tensor]  # (g, n): sorted position that fills each child slot;
+                                         # None where that is the identity (no padding)
 
 
 class GroupLayout(NamedTuple):
     """Where real tokens and padding sit at every level; depends only on (N, m, overlap)."""
+    num_groups: int                       # G
     slot_size: int                        # s = ceil(N / G) <= m slots per final group
     num_slots: int                        # P = G * s
     levels: Tuple[_Level, ...]
     key_slots: torch.Tensor               # (G * (s + o),) slot of each key of each group
     key_padding: Optional[torch.Tensor]   # (G, 1, s + o) bool, True = padding; or None
+    slot_in_output: torch.Tensor          # (P,) row of slot g * s + j in (s, G) order: j * G + g
 
 
 @lru_cache(maxsize=64)
@@ -60,16 +62,19 @@ def group_layout(num_tokens: int, group_size: int, overlap: int,
         pos = torch.arange(n)
         first, second = (counts + 1) // 2, counts // 2
         real = pos < counts[:, None]
-        halves = torch.stack([pos < first[:, None], real], dim=1).float()
+        in_first = pos < first[:, None]
+        halves = torch.stack([in_first, real & ~in_first], dim=1).float()
         # Sorted order of a group: its real tokens by key, then its padding. Child 0 takes the
         # first `first` real tokens, child 1 the rest; each fills up with padding slots.
         j = torch.arange(half)
         child0 = torch.where(j < first[:, None], j, counts[:, None] + j - first[:, None])
         child1 = torch.where(j < second[:, None], first[:, None] + j,
                              counts[:, None] + half - first[:, None] + j - second[:, None])
-        levels.append(_Level(real.to(device), halves.to(device),
-                             torch.cat([child0, child1], dim=1).to(device),
-                             bool((counts < n).any())))
+        if bool((counts < n).any()):
+            padding, child_slots = ~real, torch.cat([child0, child1], dim=1)
+            levels.append(_Level(padding.to(device), halves.to(device), child_slots.to(device)))
+        else:
+            levels.append(_Level(None, halves.to(device), None))
         counts = torch.stack([first, second], dim=1).flatten()
 
     overlap = min(overlap, slot_size)
@@ -83,14 +88,11 @@ def group_layout(num_tokens: int, group_size: int, overlap: int,
     own_pos = torch.arange(slot_size).expand(num_groups, -1)
     key_slots = torch.cat([group * slot_size + own_pos, sibling * slot_size + overlap_pos], 1)
     key_padding = torch.cat([own_pos >= counts[:, None], overlap_pos >= sibling_count], 1)
-    return GroupLayout(slot_size, num_slots, tuple(levels), key_slots.flatten().to(device),
-                       key_padding[:, None].to(device) if key_padding.any() else None)
-
-
-def _flat_index(index: torch.Tensor, row_length: int) -> torch.Tensor:
-    """(R, k) indices into R rows of ``row_length`` -> (R * k,) indices into the stacked rows."""
-    offsets = torch.arange(index.shape[0], device=index.device) * row_length
-    return (index + offsets[:, None]).flatten()
+    slot_in_output = torch.arange(num_slots).view(num_groups, slot_size).t().flatten().argsort()
+    return GroupLayout(num_groups, slot_size, num_slots, tuple(levels),
+                       key_slots.flatten().to(device),
+                       key_padding[:, None].to(device) if key_padding.any() else None,
+                       slot_in_output.to(device))
 
 
 @torch.no_grad()
@@ -105,49 +107,52 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
     ``(s0 + 1) / (s1 + 1)`` and the first half (rounded up) goes to child 0.
 
     Padding slots hold zero vectors, so they add nothing to any centroid, and their keys are
-    +inf, so they sort behind the real tokens. With two centroids the softmax is a sigmoid of
-    the score difference, and the second centroid's sum is the group sum minus the first's.
+    +inf, so they sort behind the real tokens.
 
     Args:
-        x: (R, N, d) features (one matrix per image and head).
+        x: (..., N, d) features (one matrix per image and head; any strides).
         layout: :func:`group_layout` of (N, m, overlap).
         iters: refinement iterations per split; sharpness: soft-assignment inverse temperature.
 
     Returns:
-        (R, P) long: token index of every slot in group order (G groups of m slots); indices
-        ``>= N`` are padding.
+        (R, P) long, R = the product of the leading dims: token index of every slot in group
+        order (G groups of ``layout.slot_size`` slots); indices ``>= N`` are padding.
     """
-    rows, num_tokens, dim = x.shape
-    x = F.pad(x, (0, 0, 0, layout.num_slots - num_tokens))
-    inv_norm = x.norm(dim=-1).clamp_min(1e-12).reciprocal().flatten()
-    order = torch.arange(layout.num_slots, device=x.device).expand(rows, -1)
-    feats, feats_inv_norm = x.unsqueeze(1), inv_norm.view(rows, 1, 1, -1)
-    for depth, level in enumerate(layout.levels):
-        groups, n = level.real.shape
-        first, total = (level.halves.to(x.dtype) @ feats).split(1, dim=-2)  # (R, g, 1, d)
-        # scores are computed as (R, g, k, n) = centroids @ feats^T: row-vector products are
-        # much faster than matrix-vector ones on CPU
+    num_tokens, dim = x.shape[-2:]
+    feats = x.new_zeros(*x.shape[:-2], layout.num_slots, dim)
+    feats[..., :num_tokens, :] = x
+    feats = feats.view(-1, 1, layout.num_slots, dim)
+    rows = feats.shape[0]
+    inv_norm = feats.norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_().transpose(-1, -2)
+    order = spare = None
+    for level in layout.levels:
+        groups, _, n = level.halves.shape
         tokens = feats.transpose(-1, -2)
-        for step in range(iters + 1):
-            centroids = F.normalize(torch.cat([first, total - first], dim=-2), dim=-1)
-            if step == iters:
-                break
-            diff = (centroids[..., :1, :] - centroids[..., 1:, :]) @ tokens
-            first = torch.sigmoid(sharpness * diff * feats_inv_norm) @ feats
-        scores = (centroids @ tokens) * feats_inv_norm
-        key = (scores[..., 0, :] + 1) / (scores[..., 1, :] + 1)
-        if level.has_padding:
-            key = key.masked_fill(~level.real, float('inf'))
-        within = key.argsort(dim=-1).gather(-1, level.child_slots.expand(rows, -1, -1))
-        order = order.view(rows, groups, n).gather(-1, within).view(rows, 2 * groups, n // 2)
-        if depth == len(layout.levels) - 1:
+        sums = level.halves.to(x.dtype) @ feats                                  # (R, g, 2, d)
+        sharp_inv_norm = inv_norm * sharpness
+        for _ in range(iters):
+            scores = (F.normalize(sums, dim=-1) @ tokens) * sharp_inv_norm       # (R, g, 2, n)
+            sums = scores.softmax(dim=-2) @ feats
+        scores = ((F.normalize(sums, dim=-1) @ tokens) * inv_norm).add_(1)
+        key = scores[..., 0, :] / scores[..., 1, :]
+        if level.padding is not None:
+            key.masked_fill_(level.padding, float('inf'))
+        within = key.argsort(dim=-1)
+        if level.child_slots is not None:
+            within = within.gather(-1, level.child_slots.expand(rows, -1, -1))
+        order = within if order is None else order.gather(-1, within)
+        order = order.view(rows, 2 * groups, n // 2)
+        if 2 * groups == layout.num_groups:
             break
         # children are permutations inside their parent's span: gathering from the previous
         # level's features keeps the reads local (cache-friendly), unlike reads in token order
-        index = _flat_index(within.view(rows * groups, n), n)
-        feats = feats.reshape(-1, dim).index_select(0, index).view(rows, 2 * groups, n // 2, dim)
-        feats_inv_norm = feats_inv_norm.reshape(-1).index_select(0, index).view(
-            rows, 2 * groups, 1, n // 2)
+        index = (within + torch.arange(0, rows * groups * n, n, device=x.device).view(
+            rows, groups, 1)).view(-1)
+        # two buffers take turns: fresh large allocations each level cost page faults on CPU
+        spare = torch.empty_like(feats) if spare is None else spare
+        torch.index_select(feats.view(-1, dim), 0, index, out=spare.view(-1, dim))
+        feats, spare = spare.view(rows, 2 * groups, n // 2, dim), feats
+        inv_norm = inv_norm.reshape(-1).index_select(0, index).view(rows, 2 * groups, 1, n // 2)
     return order.reshape(rows, -1)
 
 
@@ -185,56 +190,65 @@ class FeatureSpaceLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
-        h, w = hw_shape
-        qkv = self.qkv(x)
+        qkv = self._head_major_qkv(x)  # (B, N, heads, 3, d)
         if n <= self.group_size:
-            q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.permute(3, 0, 2, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             out = out.transpose(1, 2).reshape(b, n, c)
         else:
             out = self._grouped_attention(qkv)
-        v_map = qkv[..., 2 * c:].transpose(1, 2).reshape(b, c, h, w)
-        out = out + self.lepe(v_map).flatten(2).transpose(1, 2)
+        # the values in channels-last layout: copying them there is a plain strided copy, the
+        # convolution keeps the layout, and its output is already (B, N, C) in memory
+        v_map = qkv[..., 2, :].reshape(b, *hw_shape, c).permute(0, 3, 1, 2)
+        out = out + self.lepe(v_map).permute(0, 2, 3, 1).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
-    def _grouped_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3C) projections -> (B, N, C) attention inside the balanced groups.
+    def _head_major_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, heads, 3, d): the ``qkv`` projection with the q, k and v of a
+        head side by side, so that one row gather fetches all three."""
+        heads, c = self.num_heads, x.shape[-1]
+        weight = self.qkv.weight.view(3, heads, -1, c).transpose(0, 1).reshape(-1, c)
+        bias = self.qkv.bias
+        if bias is not None:
+            bias = bias.view(3, heads, -1).transpose(0, 1).reshape(-1)
+        return F.linear(x, weight, bias).view(*x.shape[:2], heads, 3, -1)
 
-        q, k and v of every slot are gathered straight from the projection's rows (one row per
-        token, q/k/v and head); padding slots point at a real token: as keys they are masked,
-        as queries their outputs are never read back.
+    def _grouped_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, N, heads, 3, d) projections -> (B, N, C) attention inside the balanced groups.
+
+        q, k and v of every key slot are gathered in one go from the projection's rows (one row
+        per token and head); padding slots point at a real token: as keys they are masked, as
+        queries their outputs are never read back.
         """
-        b, n, c3 = qkv.shape
-        heads = self.num_heads
-        d = c3 // (3 * heads)
-        q = qkv.view(b, n, 3, heads, d)[:, :, 0].transpose(1, 2).reshape(b * heads, n, d)
+        b, n, heads, _, d = qkv.shape
+        rows = b * heads
         layout = group_layout(n, self.group_size, self.overlap, qkv.device)
-        rows, slots = b * heads, layout.num_slots
-        order = balanced_clustering(q.detach(), layout)  # (rows, slots) token of each slot
+        groups, slot_size = layout.num_groups, layout.slot_size
+        queries = qkv[..., 0, :].detach().transpose(1, 2)
+        order = balanced_clustering(queries, layout)  # (rows, P): the token in each slot
 
         row = torch.arange(rows, device=qkv.device)[:, None]
-        q_row = ((row // heads * n + order.clamp(max=n - 1)) * 3) * heads + row % heads
-        k_row = q_row[:, layout.key_slots] + heads
-        source = qkv.reshape(-1, d)
-        groups = slots // layout.slot_size
-        q_g = source.index_select(0, q_row.flatten()).view(rows, groups, -1, d)
-        k_g = source.index_select(0, k_row.flatten()).view(rows, groups, -1, d)
-        v_g = source.index_select(0, (k_row + heads).flatten()).view(rows, groups, -1, d)
+        first_row = row // heads * (n * heads) + row % heads  # of token 0 of (image, head)
+        key_token = order.clamp(max=n - 1)[:, layout.key_slots]
+        qkv_g = qkv.reshape(-1, 3 * d).index_select(0, (key_token * heads + first_row).view(-1))
+        qkv_g = qkv_g.view(rows, groups, -1, 3, d)  # keys: own slots first, then the overlap
+        q_g, k_g, v_g = qkv_g[:, :, :slot_size, 0], qkv_g[..., 1, :], qkv_g[..., 2, :]
         mask = None
         if layout.key_padding is not None:
             # every group has real keys, so no softmax row is fully masked; a mask expanded to
             # the full (rows, G, s, s + o) shape lets SDPA take its fused CPU kernel
-            mask = torch.zeros(layout.key_padding.shape, dtype=q_g.dtype, device=q_g.device)
+            mask = torch.zeros(layout.key_padding.shape, dtype=qkv.dtype, device=qkv.device)
             mask = mask.masked_fill_(layout.key_padding, float('-inf')).expand(
-                rows, -1, q_g.shape[-2], -1)
+                rows, -1, slot_size, -1)
         out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
+        # fused SDPA kernels write (rows, s, G, d) memory; reading it in that order is a view
+        out = out.transpose(1, 2).reshape(-1, d)
 
-        # the slot of every real token (padding slots all land in the dropped column n)
-        slot_of_token = torch.empty(rows, n + 1, dtype=torch.long, device=qkv.device)
-        slot_of_token.scatter_(1, order.clamp(max=n),
-                               torch.arange(slots, device=qkv.device).expand(rows, -1))
-        out_row = (slot_of_token[:, :n] + row * slots).view(b, heads, n).transpose(1, 2)
-        return out.reshape(-1, d).index_select(0, out_row.flatten()).view(b, n, heads * d)
+        # the output row of every real token (padding slots all land in the dropped column n)
+        out_row = torch.empty(rows, n + 1, dtype=torch.long, device=qkv.device)
+        out_row.scatter_(1, order.clamp(max=n), layout.slot_in_output.expand(rows, -1))
+        out_row = (out_row[:, :n] + row * layout.num_slots).view(b, heads, n).transpose(1, 2)
+        return out.index_select(0, out_row.flatten()).view(b, n, heads * d)
 
 
 __all__: List[str] = ['FeatureSpaceLocalAttention', 'balanced_clustering', 'group_layout',

@@ -119,8 +119,9 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
         order (G groups of ``layout.slot_size`` slots); indices ``>= N`` are padding.
     """
     num_tokens, dim = x.shape[-2:]
-    feats = x.new_zeros(*x.shape[:-2], layout.num_slots, dim)
+    feats = x.new_empty(*x.shape[:-2], layout.num_slots, dim)
     feats[..., :num_tokens, :] = x
+    feats[..., num_tokens:, :] = 0
     feats = feats.view(-1, 1, layout.num_slots, dim)
     rows = feats.shape[0]
     inv_norm = feats.norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_().transpose(-1, -2)

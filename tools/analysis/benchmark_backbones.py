@@ -11,6 +11,10 @@ peak memory is its own: on CUDA ``max_memory_allocated``; on CPU the growth of t
 resident memory over the resident memory just before the first forward (weights and input
 excluded). Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the worker's data) or
 ``--timeout`` are reported as such instead of taking the machine down.
+
+``ops`` counts the aten operators one warm step dispatches, views and bare allocations excluded.
+On a GPU each is about one kernel launch; where launching is slower than the kernels run (small
+inputs, or many small kernels), latency follows this count rather than FLOPs.
 """
 import argparse
 import ast
@@ -21,9 +25,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 WORKER_FLAG = '--worker'
+# aten operators that compute nothing: views, detaching and bare allocations
+FREE_OPS = frozenset({'_unsafe_view', 'alias', 'detach', 'lift_fresh', 'empty', 'empty_like',
+                      'empty_strided', 'new_empty'})
 # How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
 OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
 
@@ -83,6 +90,23 @@ def build_backbone(name: str, kwargs: Dict):
     return MODELS.build(dict(type=name, **kwargs))
 
 
+def count_tensor_ops(fn: Callable[[], object]) -> int:
+    """The aten operators ``fn()`` dispatches on this thread, minus views and :data:`FREE_OPS`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func._schema.name.split('::')[-1] not in FREE_OPS:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return counter.count
+
+
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -128,7 +152,8 @@ def run_worker(args: argparse.Namespace) -> Dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return dict(latency_ms=1000 * statistics.median(times), peak_mb=max(peak, 0) / 2**20,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                ops=count_tensor_ops(step))
 
 
 def main() -> None:
@@ -157,8 +182,8 @@ def main() -> None:
 
     rows = []
     mode = 'fwd+bwd' if args.backward else 'fwd'
-    header = ('| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) |\n'
-              '|---|---|---|---|---|---|---|')
+    header = ('| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) | ops |\n'
+              '|---|---|---|---|---|---|---|---|')
     print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
           f'median of {args.repeats} after {args.warmup} warm-up')
     print(header, flush=True)
@@ -186,11 +211,12 @@ def main() -> None:
                     row['error'] = f'timeout (> {args.timeout:g} s)'
                 rows.append(row)
                 if 'error' in row:
-                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - |",
+                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - | - |",
                           flush=True)
                 else:
                     print(f"| {spec} | {h}x{w} | {batch} | {mode} | {row['params_m']:.2f} | "
-                          f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} |", flush=True)
+                          f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} | {row['ops']} |",
+                          flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=2)

@@ -11,6 +11,8 @@ from mmvit_plugins.models.backbones.boat import (
     _rename,
     swin_attention_mask,
 )
+from mmvit_plugins.models.layers import group_layout
+from mmvit_plugins.utils.op_count import HOST_SYNC_OPS, dispatched_ops
 
 TINY = {
     BOATSwin: dict(arch=dict(embed_dims=8, depths=[2, 2, 2, 1], num_heads=[1, 1, 2, 2])),
@@ -94,6 +96,19 @@ def test_images_of_a_batch_are_independent(cls):
         for i in range(3):
             for alone, inside in zip(model(x[i:i + 1]), batched):
                 torch.testing.assert_close(alone, inside[i:i + 1], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize('cls', MODELS)
+def test_warm_forward_does_not_wait_for_the_device(cls):
+    """After the first forward at a size (layouts and masks are cached), a forward and backward
+    copy nothing to the host: no stalls on a GPU, and the shapes stay static for graph capture."""
+    model = _tiny(cls)
+    x = torch.randn(2, 3, 250, 330)
+    group_layout.cache_clear()
+    first = dispatched_ops(lambda: model(x))
+    assert HOST_SYNC_OPS & set(first)  # the first forward builds the group layouts on the host
+    ops = dispatched_ops(lambda: sum(out.mean() for out in model(x)).backward())
+    assert ops['aten::sort'] > 0 and not HOST_SYNC_OPS & set(ops)
 
 
 def test_swin_mask_hides_padding_and_other_regions():

@@ -12,9 +12,9 @@ resident memory over the resident memory just before the first forward (weights 
 excluded). Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the worker's data) or
 ``--timeout`` are reported as such instead of taking the machine down.
 
-``ops`` counts the aten operators one warm step dispatches, views and bare allocations excluded.
-On a GPU each is about one kernel launch; where launching is slower than the kernels run (small
-inputs, or many small kernels), latency follows this count rather than FLOPs.
+``ops`` counts the aten operators one warm step dispatches, views and bare allocations excluded
+(``mmvit_plugins.utils.op_count``): on a GPU about the number of kernel launches, which sets the
+latency where launching is slower than the kernels run.
 """
 import argparse
 import ast
@@ -25,12 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 WORKER_FLAG = '--worker'
-# aten operators that compute nothing: views, detaching and bare allocations
-FREE_OPS = frozenset({'_unsafe_view', 'alias', 'detach', 'lift_fresh', 'empty', 'empty_like',
-                      'empty_strided', 'new_empty'})
 # How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
 OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
 
@@ -90,23 +87,6 @@ def build_backbone(name: str, kwargs: Dict):
     return MODELS.build(dict(type=name, **kwargs))
 
 
-def count_tensor_ops(fn: Callable[[], object]) -> int:
-    """The aten operators ``fn()`` dispatches on this thread, minus views and :data:`FREE_OPS`."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func._schema.name.split('::')[-1] not in FREE_OPS:
-                self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter() as counter:
-        fn()
-    return counter.count
-
-
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -115,6 +95,8 @@ def _rss_bytes() -> int:
 def run_worker(args: argparse.Namespace) -> Dict:
     """Measure one (model, size, batch) in this process; returns the row as a dict."""
     import torch
+
+    from mmvit_plugins.utils.op_count import dispatched_ops
 
     if args.device == 'cpu' and args.max_mem_gb:
         limit = int(args.max_mem_gb * 2**30) + _rss_bytes() + 2**30
@@ -153,7 +135,7 @@ def run_worker(args: argparse.Namespace) -> Dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return dict(latency_ms=1000 * statistics.median(times), peak_mb=max(peak, 0) / 2**20,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                ops=count_tensor_ops(step))
+                ops=sum(dispatched_ops(step).values()))
 
 
 def main() -> None:

@@ -442,9 +442,10 @@ class CrossShapedWindowAttention(nn.Module):
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return window_partition(t, win).view(-1, length, heads, c // heads).transpose(1, 2)
 
-        v_windows = window_partition(v, win)
-        pos = lepe(v_windows.transpose(1, 2).reshape(-1, c, *win))
-        pos = pos.view(-1, heads, c // heads, length).transpose(-1, -2)
+        # LePE on channels-last windows: no transpose copy, and the conv output is already laid
+        # out as (windows, length, heads, head_dim), like SDPA's output
+        pos = lepe(window_partition(v, win).view(-1, *win, c).permute(0, 3, 1, 2))
+        pos = pos.permute(0, 2, 3, 1).reshape(-1, length, heads, c // heads).transpose(1, 2)
         key_padding = window_padding_mask((h, w), win, q.device)
         if key_padding is not None:
             key_padding = key_padding.view(-1, 1, 1, length).repeat(b, 1, 1, 1)

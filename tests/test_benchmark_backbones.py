@@ -40,4 +40,3 @@ def test_measures_a_row_per_model_and_size():
     assert cells[1:4] == ['64x96', '1', 'fwd+bwd']
     assert float(cells[5]) > 0  # latency in ms
     assert int(cells[7]) > 0  # aten operators per step
-

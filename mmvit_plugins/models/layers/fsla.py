@@ -88,7 +88,8 @@ def group_layout(num_tokens: int, group_size: int, overlap: int,
     own_pos = torch.arange(slot_size).expand(num_groups, -1)
     key_slots = torch.cat([group * slot_size + own_pos, sibling * slot_size + overlap_pos], 1)
     key_padding = torch.cat([own_pos >= counts[:, None], overlap_pos >= sibling_count], 1)
-    slot_in_output = torch.arange(num_slots).view(num_groups, slot_size).t().flatten().argsort()
+    slot = torch.arange(num_slots)
+    slot_in_output = slot % slot_size * num_groups + slot // slot_size
     return GroupLayout(num_groups, slot_size, num_slots, tuple(levels),
                        key_slots.flatten().to(device),
                        key_padding[:, None].to(device) if key_padding.any() else None,
@@ -229,7 +230,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         order = balanced_clustering(queries, layout)  # (rows, P): the token in each slot
 
         row = torch.arange(rows, device=qkv.device)[:, None]
-        first_row = row // heads * (n * heads) + row % heads  # of token 0 of (image, head)
+        first_row = row // heads * (n * heads) + row % heads  # qkv row of token 0, per row
         key_token = order.clamp(max=n - 1)[:, layout.key_slots]
         qkv_g = qkv.reshape(-1, 3 * d).index_select(0, (key_token * heads + first_row).view(-1))
         qkv_g = qkv_g.view(rows, groups, -1, 3, d)  # keys: own slots first, then the overlap

@@ -67,7 +67,8 @@ class WindowMSA(nn.Module):
         """(num_heads, Wh*Ww, Wh*Ww)."""
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        # contiguous: SDPA's fused CPU kernel refuses a mask whose last dim is strided
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, c = x.shape

@@ -170,9 +170,12 @@ def test_out_indices_and_num_features(cls):
 @pytest.mark.parametrize('cls', MODELS)
 def test_frozen_stages(cls):
     model = _tiny(cls, frozen_stages=2)
-    model.train()
     frozen = [model.patch_embed, model.stages[0], model.stages[1], model.out_norm0,
               model.out_norm1]
+    # frozen from construction on, before any DDP wrapper registers the trained parameters
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    model.init_weights()
+    model.train()
     for module in frozen:
         assert not module.training
         assert not any(p.requires_grad for p in module.parameters())

@@ -102,6 +102,7 @@ class PyramidBackbone(BaseModule):
         pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'
         if not pretrained:
             super().init_weights()
+            self._freeze_stages()
             return
         logger = MMLogger.get_current_instance()
         checkpoint = self.init_cfg.get('checkpoint')
@@ -116,6 +117,7 @@ class PyramidBackbone(BaseModule):
             self, self.convert_checkpoint(dict(state)),
             ignore_missing=self._keys_not_in_public_checkpoints, logger=logger)
         self._is_init = True
+        self._freeze_stages()
 
     # -- freezing ----------------------------------------------------------------------------
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
@@ -123,6 +125,11 @@ class PyramidBackbone(BaseModule):
         raise NotImplementedError
 
     def _freeze_stages(self) -> None:
+        """``requires_grad=False`` on the frozen parts, and eval mode for them.
+
+        Called at the end of construction, after ``init_weights`` and in ``train()``: the
+        parameters must be frozen before a DDP wrapper registers which ones are trained.
+        """
         if self.frozen_stages < 0:
             return
         for module in self._frozen_modules(self.frozen_stages):

@@ -259,6 +259,7 @@ class _BOATBackbone(PyramidBackbone):
         for i in self.out_indices:
             self.add_module(f'out_norm{i}', nn.LayerNorm(widths[i]))
         self.apply(_init_weights)
+        self._freeze_stages()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, in_channels, H, W) -> NCHW maps of strides 4 * 2**i, one per ``out_indices``."""

@@ -343,6 +343,7 @@ class MAFormer(PyramidBackbone):
         for i in self.out_indices:
             self.add_module(f'out_norm{i}', nn.LayerNorm(self.num_features[i]))
         self.apply(self._init_module)
+        self._freeze_stages()
 
     # -- arguments -----------------------------------------------------------------------------
     @staticmethod

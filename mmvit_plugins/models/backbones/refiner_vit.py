@@ -352,6 +352,7 @@ class RefinerViT(PyramidBackbone):
         for i in self.out_indices:
             self.add_module(f'out_norm{i}', LayerNorm2d(embed_dims, eps=1e-6))
         self._init_trunk()
+        self._freeze_stages()
 
     @staticmethod
     def _check_global_blocks(indexes: Union[None, str, Sequence[int]],

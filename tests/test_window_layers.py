@@ -1,10 +1,14 @@
 """Window partitioning, the padding mask and the window attention shared by the backbones."""
+from math import inf
+
 import pytest
 import torch
 
 from mmvit_plugins.models.layers import (
     WindowMSA,
+    attend_in_windows,
     pad_to_multiple,
+    window_attention_mask,
     window_padding_mask,
     window_partition,
     window_reverse,
@@ -66,3 +70,60 @@ def test_window_msa_inference_takes_the_fused_cpu_kernel(images, masked):
         ops = dispatched_ops(lambda: attn(x, mask))
     assert ops['aten::_scaled_dot_product_flash_attention_for_cpu'] == 1
     assert 'aten::_softmax' not in ops
+
+
+def test_attention_mask_hides_padding_and_other_regions():
+    cpu = torch.device('cpu')
+    assert window_attention_mask((14, 14), 7, 0, cpu) is None
+    plain = window_attention_mask((10, 12), 7, 0, cpu)
+    assert plain.shape == (4, 49, 49)
+    # window 0 of the unshifted map: rows/cols 0-6, all real; window 3 holds padding
+    assert (plain[0] == 0).all()
+    real = torch.ones(14, 14, dtype=torch.bool)
+    real[10:] = False
+    real[:, 12:] = False
+    real3 = real[7:, 7:].flatten()
+    assert (plain[3][real3][:, ~real3] == -inf).all() and (plain[3][real3][:, real3] == 0).all()
+    assert (plain[3][~real3][:, real3] == -inf).all() and (plain[3][~real3][:, ~real3] == 0).all()
+    # shifted: real tokens of different regions are kept apart with Swin's -100
+    shifted = window_attention_mask((14, 14), 7, 3, cpu)
+    assert shifted.shape == (4, 49, 49) and set(shifted.unique().tolist()) == {0., -100.}
+    assert window_attention_mask((10, 12), 7, 3, cpu).shape == (4, 49, 49)
+    # every token sees itself: no softmax row is fully masked
+    assert (window_attention_mask((10, 12), 7, 3, cpu).diagonal(dim1=1, dim2=2) == 0).all()
+    # stripes (CSWin): a (5, 3) window over a 5x7 map pads one column of the last stripe
+    stripes = window_attention_mask((5, 7), (5, 3), 0, cpu)
+    assert stripes.shape == (3, 15, 15) and (stripes[:2] == 0).all()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_window_attention_is_finite_in_every_dtype(dtype):
+    """-inf masks added to a bias and cast to 16 bits never give NaN: no row is fully masked."""
+    attn = WindowMSA(16, 2, 7).eval()
+    x = torch.randn(2, 10, 12, 16)
+    mask = window_attention_mask((10, 12), 7, 3, x.device)
+    expected = attend_in_windows(attn, x, 7, 3, mask)
+    with torch.no_grad():
+        if dtype == torch.float16:  # CPU has no fp16 matmul for every op: check the mask math
+            out = torch.softmax((torch.zeros(4, 49, 49) + mask).to(dtype), -1)
+            assert torch.isfinite(out).all()
+            return
+        out = attend_in_windows(attn.to(dtype), x.to(dtype), 7, 3, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize('shift', [0, 2])
+def test_attend_in_windows_never_sees_the_padding(shift):
+    """Real tokens of a padded map get the same result whatever the padding holds."""
+    attn = WindowMSA(8, 2, 4).eval()
+    x = torch.randn(2, 6, 9, 8)
+    mask = window_attention_mask((6, 9), 4, shift, x.device)
+    with torch.no_grad():
+        reference = attend_in_windows(attn, x, 4, shift, mask)
+        padded = torch.full((2, 8, 12, 8), 7.)
+        padded[:, :6, :9] = x
+        shifted = torch.roll(padded, (-shift, -shift), (1, 2))
+        windows = attn(window_partition(shifted, 4), mask)
+        out = torch.roll(window_reverse(windows, 4, 8, 12), (shift, shift), (1, 2))[:, :6, :9]
+    torch.testing.assert_close(out, reference)

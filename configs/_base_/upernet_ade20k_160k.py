@@ -30,7 +30,6 @@ optim_wrapper = dict(
     paramwise_cfg=dict(
         norm_decay_mult=0.,
         custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
             'pos_embed': dict(decay_mult=0.),
             'relative_position_bias_table': dict(decay_mult=0.),
             'cls_token': dict(decay_mult=0.),

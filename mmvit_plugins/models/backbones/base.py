@@ -1,16 +1,124 @@
-"""What every backbone of the plugin shares: argument checks, pretrained loading, freezing."""
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+"""What every backbone of the plugin shares: the argument checks, pretrained loading, freezing,
+the weight init, the per-output norms and the stage loop."""
+import math
+import numbers
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 import torch
+import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
+from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
+from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
+from mmvit_plugins.models.layers.window import window_attention_mask
 from mmvit_plugins.utils.checkpoint import (
     extract_state_dict,
     load_checkpoint_file,
     load_state_dict_report,
 )
+
+
+# -- argument checks: every backbone speaks this one vocabulary ------------------------------
+def is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: Optional[int] = None,
+              high: Optional[int] = None) -> int:
+    """An int (never a bool) in [low, high]; either bound may be None."""
+    if not is_int(value) or (low is not None and value < low) or \
+            (high is not None and value > high):
+        if low is not None and high is not None:
+            allowed = f'ints in [{low}, {high}]'
+        elif low is not None:
+            allowed = f'ints >= {low}'
+        else:
+            allowed = 'ints'
+        raise ValueError(f'{name}={value!r} is invalid; allowed values: {allowed}')
+    return int(value)
+
+
+def check_number(name: str, value: Any, low: float, high: float,
+                 include_low: bool = True, include_high: bool = True) -> float:
+    """A real number (never a bool) in the interval from low to high."""
+    ok = _is_number(value) and (low <= value if include_low else low < value) and \
+        (value <= high if include_high else value < high)
+    if not ok:
+        interval = f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
+        raise ValueError(f'{name}={value!r} is invalid; allowed values: numbers in {interval}')
+    return float(value)
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A dropout / drop-path probability: [0, 1), since 1 would zero (and mmcv/timm would
+    divide by) the kept fraction."""
+    return check_number(name, value, 0., 1., include_high=False)
+
+
+def check_block_options(mlp_ratio: float, drop_rate: float, drop_path_rate: float,
+                        attn_drop_rate: float = 0.) -> None:
+    """The transformer-block options every backbone takes."""
+    check_number('mlp_ratio', mlp_ratio, 0., math.inf, include_low=False)
+    check_probability('drop_rate', drop_rate)
+    check_probability('attn_drop_rate', attn_drop_rate)
+    check_probability('drop_path_rate', drop_path_rate)
+
+
+def check_choice(name: str, value: Any, choices: Sequence) -> Any:
+    if value not in choices:
+        raise ValueError(f'{name}={value!r} is invalid; allowed values: {tuple(choices)}')
+    return value
+
+
+def check_ints(name: str, values: Any, length: int, low: int = 1) -> Tuple[int, ...]:
+    """A sequence of ``length`` ints (never bools), each >= low."""
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
+            or len(values) != length or not all(is_int(v) and v >= low for v in values)):
+        raise ValueError(f'{name}={values!r} is invalid; allowed values: {length} ints >= {low}')
+    return tuple(int(v) for v in values)
+
+
+def check_indices(name: str, indices: Any, num: int, what: str = 'index',
+                  allow_empty: bool = False, unique: bool = True) -> Tuple[int, ...]:
+    """An int or a sequence of ints in [-num, num), normalised to [0, num) in the given order;
+    non-empty and without duplicates unless allowed."""
+    if is_int(indices):
+        indices = (indices, )
+    if (isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence)
+            or not (indices or allow_empty)
+            or not all(is_int(i) and -num <= i < num for i in indices)):
+        amount = 'a sequence' if allow_empty else 'a non-empty sequence'
+        raise ValueError(f'{name}={indices!r} is invalid; allowed values: {amount} of {what} '
+                         f'ints in [{-num}, {num - 1}]')
+    normalised = tuple(int(i) % num for i in indices)
+    if unique and len(set(normalised)) != len(normalised):
+        raise ValueError(f'{name}={tuple(indices)} is invalid: it holds duplicates')
+    return normalised
+
+
+def check_heads(widths: Sequence[int], heads: Sequence[int], name: str = 'num_heads') -> None:
+    """Every stage width must split evenly into its heads."""
+    for stage, (width, num_heads) in enumerate(zip(widths, heads)):
+        if num_heads <= 0 or width % num_heads:
+            raise ValueError(f'{name}[{stage}]={num_heads} does not divide the width {width} '
+                             f'of stage {stage}; allowed values: divisors of {width}')
 
 
 def resolve_arch(arch: Union[str, Mapping], arch_zoo: Mapping[str, Mapping],
@@ -31,31 +139,19 @@ def resolve_arch(arch: Union[str, Mapping], arch_zoo: Mapping[str, Mapping],
     return dict(arch)
 
 
-def check_out_indices(out_indices: Union[int, Sequence[int]], num_outputs: int) -> Tuple[int, ...]:
-    """Normalise ``out_indices`` (negative indices allowed) and reject out-of-range values."""
-    if isinstance(out_indices, int):
-        out_indices = (out_indices, )
-    indices = []
-    for index in out_indices:
-        if not isinstance(index, int) or not -num_outputs <= index < num_outputs:
-            raise ValueError(f'out_indices={tuple(out_indices)} is invalid: each index must be an '
-                             f'int in [{-num_outputs}, {num_outputs - 1}]')
-        indices.append(index % num_outputs)
-    if len(set(indices)) != len(indices):
-        raise ValueError(f'out_indices={tuple(out_indices)} holds duplicates')
-    return tuple(sorted(indices))
+def check_pyramid_arch(arch: Mapping, extra_keys: Sequence[str] = ()) -> List[int]:
+    """``embed_dims`` C and 4-stage ``depths``/``num_heads`` (and ``extra_keys``) of a resolved
+    hierarchical arch; returns the stage widths (C, 2C, 4C, 8C)."""
+    embed_dims = check_int("arch['embed_dims']", arch['embed_dims'], low=1)
+    for key in ('depths', 'num_heads') + tuple(extra_keys):
+        check_ints(f'arch[{key!r}]', arch[key], 4)
+    widths = [embed_dims * 2**i for i in range(4)]
+    check_heads(widths, arch['num_heads'])
+    return widths
 
 
-def check_heads(widths: Sequence[int], heads: Sequence[int], name: str = 'num_heads') -> None:
-    """Every stage width must split evenly into its heads."""
-    for stage, (width, num_heads) in enumerate(zip(widths, heads)):
-        if num_heads <= 0 or width % num_heads:
-            raise ValueError(f'{name}[{stage}]={num_heads} does not divide the width {width} '
-                             f'of stage {stage}; allowed values: divisors of {width}')
-
-
-def check_input(x: torch.Tensor, in_channels: int) -> None:
-    """Images must come as (B, in_channels, H, W) with B, H, W > 0."""
+def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
+    """Images must come as (B, in_channels, H, W) floats of the model's dtype, B, H, W > 0."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f'input must be a 4-D tensor (B, C, H, W), got {shape}')
@@ -64,34 +160,145 @@ def check_input(x: torch.Tensor, in_channels: int) -> None:
                          f'in_channels={in_channels}')
     if 0 in x.shape:
         raise ValueError(f'input has an empty dimension: {tuple(x.shape)}')
+    if x.dtype != dtype:
+        raise TypeError(f'input has dtype {x.dtype}, the backbone computes in {dtype}: pass '
+                        f'floating-point images of dtype {dtype} (e.g. x.to({dtype})), or cast '
+                        'the model; for mixed precision keep the model in float32 and use '
+                        'torch.autocast')
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype every output of a forward has: autocast's where it is on, else the input's."""
+    device = x.device.type
+    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
+        enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    elif device == 'cpu':
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else x.dtype
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
-    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks."""
-    return [rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (timm's rule)."""
+    return calculate_drop_path_rates(rate, num_blocks)
 
 
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ValueError(f'{name}={value} is out of range; allowed values: [{low}, {high}]')
+def init_linear_and_norm(module: nn.Module) -> None:
+    """The public models' init: truncated-normal Linear (std .02, zero bias), unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
+# -- stages ---------------------------------------------------------------------------------
+class Stage(nn.Module):
+    """The blocks of one stage on (B, H, W, C) maps, with an optional downsampling before them
+    (``downsample_first``, MAFormer) or after them (BOAT).
+
+    ``forward(x) -> (stage output, input of the next stage)``. ``block_args(x)`` gives each
+    block's extra forward arguments for the map its blocks see (e.g. window masks, computed
+    once per stage).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None,
+                 downsample_first: bool = False, with_cp: bool = False):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample_first = downsample_first
+        self.with_cp = with_cp
+
+    def block_args(self, x: torch.Tensor) -> Sequence[tuple]:
+        return [()] * len(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.downsample is not None and self.downsample_first:
+            x = self.downsample(x)
+        for block, args in zip(self.blocks, self.block_args(x)):
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        if self.downsample is None or self.downsample_first:
+            return x, x
+        return x, self.downsample(x)
+
+
+class WindowStage(Stage):
+    """A stage whose blocks attend in ``window_size`` windows (BOAT-Swin, MAFormer's MAF stages).
+
+    Blocks with ``shifted=True`` roll the map by half a window when it is larger than one
+    window; the :func:`window_attention_mask` of each shift is built once per stage.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], window_size: int,
+                 downsample: Optional[nn.Module] = None, downsample_first: bool = False,
+                 with_cp: bool = False):
+        super().__init__(blocks, downsample, downsample_first, with_cp)
+        self.window_size = window_size
+
+    def block_args(self, x: torch.Tensor) -> List[Tuple[int, Optional[torch.Tensor]]]:
+        """(shift size, attention mask) of every block."""
+        hw = x.shape[1:3]
+        shift = self.window_size // 2 if max(hw) > self.window_size else 0
+        masks: Dict[int, Optional[torch.Tensor]] = {}
+        args = []
+        for block in self.blocks:
+            size = shift if block.shifted else 0
+            if size not in masks:
+                masks[size] = window_attention_mask(hw, self.window_size, size, x.device)
+            args.append((size, masks[size]))
+        return args
+
+
+# -- the backbone ---------------------------------------------------------------------------
 class PyramidBackbone(BaseModule):
-    """Base of the plugin's backbones: pretrained loading with key conversion and a report of
-    unmatched keys, ``frozen_stages`` with a ``train()`` override, and ``norm_eval``.
+    """Base of the plugin's backbones.
 
-    A subclass implements ``_frozen_modules(frozen_stages)`` and, where its public checkpoints
-    use other key names, ``convert_checkpoint``. Keys that the public classification models do
-    not have (the per-output norms) are listed in ``_keys_not_in_public_checkpoints``.
+    It holds the common arguments (checked), pretrained loading through ``convert_checkpoint``
+    with a report of unmatched keys, freezing (from construction on, so that DDP never registers
+    frozen parameters as trained; frozen parts stay in eval mode in ``train()``), the per-output
+    norms ``out_norm{i}`` and, for hierarchical backbones, the forward: ``patch_embed`` (image ->
+    (B, H/4, W/4, C)), ``embed_drop``, then ``stages`` (:class:`Stage`), each returned output
+    after its norm, as NCHW.
+
+    A subclass builds its modules, then calls :meth:`_finish_init`. By default frozen stage k
+    means the stem, stages 0..k-1 and their output norms (mmdet's Swin); a subclass with another
+    layout overrides :meth:`_frozen_modules`. ``norm_eval`` is an argument only of backbones
+    with BatchNorm layers (RefinerViT).
     """
     _keys_not_in_public_checkpoints: Tuple[str, ...] = ('out_norm',)
+    norm_eval: bool = False
 
-    def __init__(self, frozen_stages: int = -1, norm_eval: bool = False,
+    def __init__(self, in_channels: int, out_indices: Union[int, Sequence[int]],
+                 frozen_stages: int, num_frozen_units: int = 4, with_cp: bool = False,
                  use_ema: bool = False, init_cfg: Optional[Union[dict, List[dict]]] = None):
         super().__init__(init_cfg=init_cfg)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.use_ema = use_ema
+        self.in_channels = check_int('in_channels', in_channels, low=1)
+        self.out_indices = tuple(sorted(check_indices('out_indices', out_indices,
+                                                      len(PYRAMID_STRIDES), 'output')))
+        self.frozen_stages = check_int('frozen_stages', frozen_stages, -1, num_frozen_units)
+        self.with_cp = bool(with_cp)
+        self.use_ema = bool(use_ema)
+
+    def _add_out_norms(self, widths: Sequence[int],
+                       norm_layer: Type[nn.Module] = nn.LayerNorm) -> None:
+        for i in self.out_indices:
+            self.add_module(f'out_norm{i}', norm_layer(widths[i]))
+
+    def _finish_init(self) -> None:
+        """Initialise the weights and freeze; the last step of every subclass constructor."""
+        self.apply(init_linear_and_norm)
+        self._init_extra_weights()
+        self._freeze_stages()
+
+    def _init_extra_weights(self) -> None:
+        """Parameters outside Linear/LayerNorm layers (position embeddings, class tokens)."""
 
     # -- pretrained weights -----------------------------------------------------------------
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -122,14 +329,15 @@ class PyramidBackbone(BaseModule):
     # -- freezing ----------------------------------------------------------------------------
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
         """Modules (and parameters wrapped in modules) frozen for ``frozen_stages``."""
-        raise NotImplementedError
+        modules = [self.patch_embed] if frozen_stages >= 0 else []
+        for i in range(frozen_stages):
+            modules.append(self.stages[i])
+            if i in self.out_indices:
+                modules.append(getattr(self, f'out_norm{i}'))
+        return modules
 
     def _freeze_stages(self) -> None:
-        """``requires_grad=False`` on the frozen parts, and eval mode for them.
-
-        Called at the end of construction, after ``init_weights`` and in ``train()``: the
-        parameters must be frozen before a DDP wrapper registers which ones are trained.
-        """
+        """``requires_grad=False`` and eval mode for the frozen parts."""
         if self.frozen_stages < 0:
             return
         for module in self._frozen_modules(self.frozen_stages):
@@ -145,3 +353,30 @@ class PyramidBackbone(BaseModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    # -- forward -----------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input(x, self.in_channels, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, in_channels, H, W) -> one (B, num_features[i], ceil(H / s), ceil(W / s)) map
+        per ``out_indices`` entry, s = 4 * 2**i, all in one dtype (autocast's under it)."""
+        self.check_input(x)
+        dtype = output_dtype(x)
+        x = self.embed_drop(self.patch_embed(x))
+        outs = []
+        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+            out, x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'out_norm{i}')(out)
+                outs.append(out.permute(0, 3, 1, 2).contiguous().to(dtype))
+        return tuple(outs)
+
+
+def stage_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """:func:`drop_path_rates` over all blocks, split per stage."""
+    return calculate_drop_path_rates(rate, list(depths), stagewise=True)

@@ -5,35 +5,38 @@ Each block runs an image-space local attention (Swin windows or CSWin stripes), 
 feature-space local attention (FSLA) of :mod:`mmvit_plugins.models.layers.fsla`, then an MLP.
 Public checkpoints (github.com/mahaoyuHKU/pytorch-boat) load through ``convert_checkpoint``.
 """
+import math
 import re
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
+from timm.layers import DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table_simple
+from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from ..layers import (
-    Mlp,
-    PatchMerging,
+    FeatureSpaceLocalAttention,
     WindowMSA,
-    masked_attention,
+    attend_in_windows,
     pad_to_multiple,
-    window_padding_mask,
+    window_attention_mask,
     window_partition,
     window_reverse,
 )
-from ..layers.fsla import FeatureSpaceLocalAttention
 from .base import (
     PyramidBackbone,
-    check_heads,
-    check_input,
-    check_out_indices,
-    check_range,
-    drop_path_rates,
+    Stage,
+    WindowStage,
+    check_block_options,
+    check_choice,
+    check_int,
+    check_number,
+    check_pyramid_arch,
     resolve_arch,
+    stage_rates,
 )
 
 _ARCH_KEYS = ('embed_dims', 'depths', 'num_heads')
@@ -64,62 +67,18 @@ _CSWIN_RULES = (
 )
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Initialisation of the public models: truncated normal Linear, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+MakeFSLA = Callable[[int, int], FeatureSpaceLocalAttention]
 
 
-def _check_arch(arch: dict, extra: Sequence[str] = ()) -> Tuple[int, List[int]]:
-    """Validate a resolved arch; returns (embed_dims, the 4 stage widths)."""
-    for key in ('depths', 'num_heads') + tuple(extra):
-        if len(arch[key]) != 4 or not all(isinstance(v, int) and v > 0 for v in arch[key]):
-            raise ValueError(f'arch[{key!r}]={arch[key]} is invalid; allowed values: '
-                             '4 positive ints, one per stage')
-    embed_dims = arch['embed_dims']
-    if not isinstance(embed_dims, int) or embed_dims <= 0:
-        raise ValueError(f"arch['embed_dims']={embed_dims} is invalid; allowed values: "
-                         'positive ints')
-    widths = [embed_dims * 2**i for i in range(4)]
-    check_heads(widths, arch['num_heads'])
-    return embed_dims, widths
-
-
-class PatchEmbed(nn.Module):
-    """(B, C_in, H, W) -> (B, ceil(H/s), ceil(W/s), C) by a strided conv and a LayerNorm.
-
-    The input is zero-padded at the bottom/right to a multiple of the stride first, so every
-    size gives exactly ``ceil(H / stride)`` rows (and inputs of a single pixel work).
-    """
-
-    def __init__(self, in_channels: int, dim: int, kernel_size: int, stride: int,
-                 padding: int = 0):
-        super().__init__()
-        self.stride = stride
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size, stride, padding)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.stride, 0, -h % self.stride))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
-
-
-class ConvMerge(nn.Module):
-    """CSWin's merge: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out), conv 3x3 s2 + LN."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
-        self.norm = nn.LayerNorm(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+def fsla_builder(group_size: int, overlap: int, qk_scale: Optional[float], qkv_bias: bool,
+                 proj_drop: float) -> MakeFSLA:
+    """Checked FSLA options (``fsla_*`` arguments of the backbones) -> ``make(dim, heads)``."""
+    group_size = check_int('fsla_group_size', group_size, low=2)
+    overlap = check_int('fsla_overlap', overlap, 0, group_size)
+    if qk_scale is not None:
+        check_number('fsla_qk_scale', qk_scale, 0., math.inf, include_low=False)
+    return partial(FeatureSpaceLocalAttention, group_size=group_size, overlap=overlap,
+                   qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop)
 
 
 class _FSLAMixin:
@@ -127,12 +86,9 @@ class _FSLAMixin:
     fsla: Optional[FeatureSpaceLocalAttention]
     fsla_norm: Optional[nn.LayerNorm]
 
-    def _build_fsla(self, enabled: bool, dim: int, num_heads: int, qkv_bias: bool,
-                    fsla_cfg: dict, proj_drop: float) -> None:
-        self.fsla_norm = nn.LayerNorm(dim) if enabled else None
-        self.fsla = FeatureSpaceLocalAttention(
-            dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            **fsla_cfg) if enabled else None
+    def _add_fsla(self, dim: int, fsla: Optional[FeatureSpaceLocalAttention]) -> None:
+        self.fsla_norm = nn.LayerNorm(dim) if fsla is not None else None
+        self.fsla = fsla
 
     def _fsla_branch(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -142,144 +98,74 @@ class _FSLAMixin:
 # --------------------------------------------------------------------------------------------
 # BOAT-Swin
 # --------------------------------------------------------------------------------------------
-def swin_attention_mask(padded_hw: Tuple[int, int], hw: Tuple[int, int], window_size: int,
-                        shift_size: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Additive (num_windows, ws*ws, ws*ws) mask for a padded map.
-
-    Tokens of different shifted-window regions never attend to each other (-100, as in Swin and
-    the public checkpoints), nor do padding and real tokens (-inf: every token still sees
-    itself). The map is the (hp, wp) padded one, rolled by ``-shift_size``; None when nothing
-    is masked.
-    """
-    (hp, wp), (h, w) = padded_hw, hw
-    if not shift_size and (hp, wp) == (h, w):
-        return None
-    region = torch.zeros(hp, wp, device=device)
-    if shift_size:
-        slices = (slice(0, -window_size), slice(-window_size, -shift_size),
-                  slice(-shift_size, None))
-        for i, rows in enumerate(slices):
-            for j, cols in enumerate(slices):
-                region[rows, cols] = 3 * i + j
-    padding = torch.ones(hp, wp, dtype=torch.bool, device=device)
-    padding[:h, :w] = False
-    padding = torch.roll(padding, (-shift_size, -shift_size), (0, 1))
-    region = region.masked_fill(padding, -1).view(1, hp, wp, 1)
-    region = window_partition(region, window_size).squeeze(-1)
-    mask = (region[:, None, :] != region[:, :, None]).float() * -100.
-    # Not -100 here: a padded query would then output e^-100-weighted real values, subnormal
-    # floats that make every later matmul over the padded windows 10-50x slower on CPU.
-    is_padding = region < 0
-    return mask.masked_fill(is_padding[:, None, :] != is_padding[:, :, None], float('-inf'))
-
-
 class BOATSwinBlock(_FSLAMixin, nn.Module):
-    """Swin block (shifted or not) with FSLA after the window attention; (B, H, W, C) maps.
+    """Swin block (shifted or not) with optional FSLA after the window attention; (B, H, W, C).
 
     As in the public code: ``x = x + dp(wmsa(norm1(x)))``, then ``x = x + fsla(fsla_norm(x))``
     (no drop-path), then ``x = x + dp(mlp(norm2(x)))``.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool,
-                 with_fsla: bool, fsla_cfg: dict, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 drop: float = 0., attn_drop: float = 0., drop_path: float = 0.):
+                 fsla: Optional[FeatureSpaceLocalAttention], mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop: float = 0., attn_drop: float = 0.,
+                 drop_path: float = 0.):
         super().__init__()
         self.window_size = window_size
         self.shifted = shifted
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowMSA(dim, num_heads, window_size, qkv_bias=qkv_bias,
                               attn_drop=attn_drop, proj_drop=drop)
-        self._build_fsla(with_fsla, dim, num_heads, qkv_bias, fsla_cfg, drop)
+        self._add_fsla(dim, fsla)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, shift_size: int,
                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h, w = x.shape[1:3]
-        ws = self.window_size
-        y = pad_to_multiple(self.norm1(x), ws)
-        hp, wp = y.shape[1:3]
-        if shift_size:
-            y = torch.roll(y, (-shift_size, -shift_size), (1, 2))
-        y = window_reverse(self.attn(window_partition(y, ws), mask=attn_mask), ws, hp, wp)
-        if shift_size:
-            y = torch.roll(y, (shift_size, shift_size), (1, 2))
-        x = x + self.drop_path(y[:, :h, :w])
+        y = attend_in_windows(self.attn, self.norm1(x), self.window_size, shift_size, attn_mask)
+        x = x + self.drop_path(y)
         if self.fsla is not None:
             x = x + self._fsla_branch(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class _Stage(nn.Module):
-    """Blocks of one stage and the downsampling after it (None for the last stage)."""
-
-    def __init__(self, blocks: List[nn.Module], downsample: Optional[nn.Module],
-                 with_cp: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-        self.with_cp = with_cp
-
-    def _run(self, block: Callable, x: torch.Tensor, *args) -> torch.Tensor:
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(block, x, *args, use_reentrant=False)
-        return block(x, *args)
-
-    def block_args(self, x: torch.Tensor) -> List[tuple]:
-        """Extra forward arguments of each block for the stage input ``x``."""
-        return [()] * len(self.blocks)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, W, C) -> (stage output (B, H, W, C), downsampled input of the next stage)."""
-        for block, args in zip(self.blocks, self.block_args(x)):
-            x = self._run(block, x, *args)
-        return x, (x if self.downsample is None else self.downsample(x))
+def _rename(state_dict: Dict[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
+    """Apply the ``(pattern, replacement)`` rules in order; a None replacement drops the key."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            if re.search(pattern, key) is None:
+                continue
+            if replacement is None:
+                key = None
+                break
+            key = re.sub(pattern, replacement, key)
+        if key is not None:
+            out[key] = value
+    return out
 
 
-class BOATSwinStage(_Stage):
-    """Swin stage: odd blocks are shifted when the map is larger than one window."""
+def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """((2w-1)**2, heads) -> ((2w'-1)**2, heads), bicubic over the relative offsets (timm).
 
-    def block_args(self, x: torch.Tensor) -> List[tuple]:
-        """(shift size, attention mask) of every block."""
-        h, w = x.shape[1:3]
-        ws = self.blocks[0].window_size
-        padded = (-(-h // ws) * ws, -(-w // ws) * ws)
-        shift = ws // 2 if max(h, w) > ws else 0
-        args = {False: (0, swin_attention_mask(padded, (h, w), ws, 0, x.device))}
-        if any(block.shifted for block in self.blocks):
-            args[True] = (shift, swin_attention_mask(padded, (h, w), ws, shift, x.device))
-        return [args[block.shifted] for block in self.blocks]
+    A table that is not of that form, or has another head count, is returned unchanged: the
+    load report then lists it as a shape mismatch.
+    """
+    side = math.isqrt(table.shape[0]) if table.dim() == 2 else 0
+    dst_side = math.isqrt(shape[0])
+    if (side * side != table.shape[0] or side % 2 == 0 or table.shape[1] != shape[1]
+            or dst_side * dst_side != shape[0] or dst_side % 2 == 0):
+        return table
+    window = ((dst_side + 1) // 2, ) * 2
+    return resize_rel_pos_bias_table_simple(table.float(), window, tuple(shape)).to(table.dtype)
 
 
 class _BOATBackbone(PyramidBackbone):
-    """What BOAT-Swin and BOAT-CSWin share: patch embedding, four stages, per-output norms."""
+    """What BOAT-Swin and BOAT-CSWin share: public key rules, renaming of public checkpoints."""
+    public_key_rules: Tuple[Tuple[str, object], ...] = ()
 
-    def _add_out_norms(self, widths: Sequence[int]) -> None:
-        for i in self.out_indices:
-            self.add_module(f'out_norm{i}', nn.LayerNorm(widths[i]))
-        self.apply(_init_weights)
-        self._freeze_stages()
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """(B, in_channels, H, W) -> NCHW maps of strides 4 * 2**i, one per ``out_indices``."""
-        check_input(x, self.in_channels)
-        x = self.drop_after_pos(self.patch_embed(x))
-        outs = []
-        for i, stage in enumerate(self.stages):
-            out, x = stage(x)
-            if i in self.out_indices:
-                outs.append(getattr(self, f'out_norm{i}')(out).permute(0, 3, 1, 2).contiguous())
-        return tuple(outs)
-
-    def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
-        """As mmdet's Swin: the stem, then stage i (with its downsampling) and its output norm."""
-        modules = [self.patch_embed] if frozen_stages >= 0 else []
-        for i in range(frozen_stages):
-            modules.append(self.stages[i])
-            if i in self.out_indices:
-                modules.append(getattr(self, f'out_norm{i}'))
-        return modules
+    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return _rename(state_dict, self.public_key_rules)
 
 
 @MODELS.register_module()
@@ -315,41 +201,39 @@ class BOATSwin(_BOATBackbone):
                  pretrain_img_size: int = 224, fsla_group_size: Optional[int] = None,
                  fsla_overlap: int = 20, fsla_qk_scale: Optional[float] = None,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
-                 norm_eval: bool = False, with_cp: bool = False, use_ema: bool = False,
+                 with_cp: bool = False, use_ema: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None):
-        super().__init__(frozen_stages, norm_eval, use_ema, init_cfg)
+        super().__init__(in_channels, out_indices, frozen_stages, with_cp=with_cp,
+                         use_ema=use_ema, init_cfg=init_cfg)
         arch = resolve_arch(arch, self.arch_zoo, _ARCH_KEYS)
-        embed_dims, widths = _check_arch(arch)
-        if not isinstance(window_size, int) or window_size < 2:
-            raise ValueError(f'window_size={window_size} is invalid; allowed values: ints >= 2')
-        if not isinstance(pretrain_img_size, int) or pretrain_img_size <= 0:
-            raise ValueError(f'pretrain_img_size={pretrain_img_size} is invalid; allowed '
-                             'values: positive ints')
-        check_range('drop_path_rate', drop_path_rate, 0., 1.)
-        check_range('frozen_stages', frozen_stages, -1, 4)
-        self.out_indices = check_out_indices(out_indices, 4)
-        self.in_channels = in_channels
-        self.num_features = widths
-        fsla_cfg = dict(group_size=fsla_group_size or window_size**2, overlap=fsla_overlap,
-                        qk_scale=fsla_qk_scale)
+        self.num_features = widths = check_pyramid_arch(arch)
+        window_size = check_int('window_size', window_size, low=2)
+        pretrain_img_size = check_int('pretrain_img_size', pretrain_img_size, low=1)
+        check_block_options(mlp_ratio, drop_rate, drop_path_rate, attn_drop_rate)
+        make_fsla = fsla_builder(
+            window_size**2 if fsla_group_size is None else fsla_group_size, fsla_overlap,
+            fsla_qk_scale, qkv_bias, drop_rate)
         self.fsla_stages = tuple(pretrain_img_size // (4 * 2**i) > window_size for i in range(4))
 
-        self.patch_embed = PatchEmbed(in_channels, embed_dims, 4, 4)
-        self.drop_after_pos = nn.Dropout(drop_rate)
-        dpr = drop_path_rates(drop_path_rate, sum(arch['depths']))
+        self.patch_embed = PatchEmbed(None, 4, in_channels, widths[0], norm_layer=nn.LayerNorm,
+                                      output_fmt='NHWC', strict_img_size=False,
+                                      dynamic_img_pad=True)
+        self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads) in enumerate(zip(arch['depths'], arch['num_heads'])):
-            rates, dpr = dpr[:depth], dpr[depth:]
+        for i, (depth, heads, rates) in enumerate(zip(
+                arch['depths'], arch['num_heads'], stage_rates(drop_path_rate, arch['depths']))):
             blocks = [
                 BOATSwinBlock(widths[i], heads, window_size, shifted=j % 2 == 1,
-                              with_fsla=j % 2 == 1 and self.fsla_stages[i], fsla_cfg=fsla_cfg,
+                              fsla=make_fsla(widths[i], heads)
+                              if j % 2 == 1 and self.fsla_stages[i] else None,
                               mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                               attn_drop=attn_drop_rate, drop_path=rates[j])
                 for j in range(depth)
             ]
             downsample = PatchMerging(widths[i], widths[i + 1]) if i < 3 else None
-            self.stages.append(BOATSwinStage(blocks, downsample, with_cp))
+            self.stages.append(WindowStage(blocks, window_size, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
+        self._finish_init()
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Public BOAT-Swin keys -> this module's.
@@ -361,7 +245,7 @@ class BOATSwin(_BOATBackbone):
         """
         own = self.state_dict()
         out = {}
-        for key, value in _rename(state_dict, self.public_key_rules).items():
+        for key, value in super().convert_checkpoint(state_dict).items():
             if key.endswith('relative_position_index') and key in own:
                 value = own[key]
             elif (key.endswith('relative_position_bias_table') and key in own
@@ -369,29 +253,6 @@ class BOATSwin(_BOATBackbone):
                 value = _resize_bias_table(value, own[key].shape)
             out[key] = value
         return out
-
-
-def _rename(state_dict: Dict[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            if re.search(pattern, key) is None:
-                continue
-            if replacement is None:
-                key = None
-                break
-            key = re.sub(pattern, replacement, key)
-        if key is not None:
-            out[key] = value
-    return out
-
-
-def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """((2w-1)**2, heads) -> ((2w'-1)**2, heads), bicubic over the relative offsets."""
-    src, dst = round(table.shape[0]**0.5), round(shape[0]**0.5)
-    grid = table.t().reshape(1, -1, src, src).float()
-    grid = F.interpolate(grid, size=(dst, dst), mode='bicubic', align_corners=False)
-    return grid.reshape(-1, dst * dst).t().to(table.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,8 +264,8 @@ class CrossShapedWindowAttention(nn.Module):
     The channels (and heads) split evenly over the branches; each branch attends inside its own
     windows, given as (height, width) with ``None`` meaning the whole map extent: CSWin's
     vertical ``(None, s)`` and horizontal ``(s, None)`` stripes, or a single ``(None, None)``
-    (global) or ``(s, s)`` branch. Maps are zero-padded to whole windows; padded keys are masked
-    out and padded values are zero, so the result equals attention on the cropped windows.
+    (global) or ``(s, s)`` branch. Maps are zero-padded to whole windows and real and padded
+    tokens never attend to each other, so real tokens get the attention on the cropped windows.
     Keys: ``qkv``, ``lepe.{branch}`` (depthwise 3x3 convs), ``proj``.
     """
 
@@ -447,33 +308,62 @@ class CrossShapedWindowAttention(nn.Module):
         # out as (windows, length, heads, head_dim), like SDPA's output
         pos = lepe(window_partition(v, win).view(-1, *win, c).permute(0, 3, 1, 2))
         pos = pos.permute(0, 2, 3, 1).reshape(-1, length, heads, c // heads).transpose(1, 2)
-        key_padding = window_padding_mask((h, w), win, q.device)
-        if key_padding is not None:
-            key_padding = key_padding.view(-1, 1, 1, length).repeat(b, 1, 1, 1)
-        out = masked_attention(split_heads(q), split_heads(k), split_heads(v),
-                               key_padding_mask=key_padding) + pos
+        mask = window_attention_mask((h, w), win, device=q.device)
+        if mask is not None:
+            mask = mask.to(q.dtype)[None, :, None].expand(b, -1, -1, -1, -1).reshape(
+                -1, 1, length, length)
+        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v),
+                                             attn_mask=mask) + pos
         out = window_reverse(out.transpose(1, 2).reshape(-1, length, c), win, hp, wp)
         return out[:, :h, :w]
 
 
+class CSWinPatchEmbed(nn.Module):
+    """CSWin's stem: (B, C_in, H, W) -> (B, ceil(H/4), ceil(W/4), C), conv 7x7/4 (padding 2) and
+    a LayerNorm. The input is zero-padded at the bottom/right to a multiple of 4 first, so every
+    size gives exactly ``ceil(H / 4)`` rows. Keys ``proj``, ``norm``."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, 7, 4, 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % 4, 0, -h % 4))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvMerge(nn.Module):
+    """CSWin's merge: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out), conv 3x3 s2 + LN."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
 class BOATCSWinBlock(_FSLAMixin, nn.Module):
-    """CSWin block with FSLA after the cross-shaped attention; (B, H, W, C) maps.
+    """CSWin block with optional FSLA after the cross-shaped attention; (B, H, W, C) maps.
 
     ``x = x + dp(attn(norm1(x)))``, ``x = x + dp(fsla(fsla_norm(x)))`` (FSLA blocks only),
     ``x = x + dp(mlp(norm2(x)))``.
     """
 
     def __init__(self, dim: int, num_heads: int,
-                 windows: Sequence[Tuple[Optional[int], Optional[int]]], with_fsla: bool,
-                 fsla_cfg: dict, mlp_ratio: float = 4., qkv_bias: bool = True, drop: float = 0.,
-                 drop_path: float = 0.):
+                 windows: Sequence[Tuple[Optional[int], Optional[int]]],
+                 fsla: Optional[FeatureSpaceLocalAttention], mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop: float = 0., drop_path: float = 0.):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CrossShapedWindowAttention(dim, num_heads, windows, qkv_bias, drop)
-        self._build_fsla(with_fsla, dim, num_heads, qkv_bias, fsla_cfg, drop)
+        self._add_fsla(dim, fsla)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -500,6 +390,12 @@ class BOATCSWin(_BOATBackbone):
         fsla_group_size / fsla_overlap: 49 and 20 as in the public code (independent of the
             split sizes).
         Others as mmdet's ``SwinTransformer``; see ``docs/backbones/boat.md``.
+
+    Public checkpoints: ``stage1_conv_embed.{0,2}`` -> ``patch_embed.{proj,norm}``,
+    ``stage{s}.{j}`` -> ``stages.{s-1}.blocks.{j}`` (``qkv``/``proj``/``attns.{b}.get_v`` under
+    ``attn``), ``merge{s}`` -> ``stages.{s-1}.downsample``, ``content_attn`` -> ``fsla``,
+    ``get_v`` -> ``lepe``, ``norm3`` -> ``fsla_norm``; the final ``norm`` initialises
+    ``out_norm3``; the classifier ``head`` is dropped.
     """
     public_key_rules = _CSWIN_RULES
     arch_zoo = {
@@ -510,7 +406,7 @@ class BOATCSWin(_BOATBackbone):
         **dict.fromkeys(['b', 'base'], dict(embed_dims=96, depths=[2, 4, 32, 2],
                                             num_heads=[4, 8, 16, 32], split_sizes=[1, 2, 7, 7])),
     }
-    _last_stage_attn = ('global', 'window')
+    LAST_STAGE_ATTN = ('global', 'window')
 
     def __init__(self, arch: Union[str, dict] = 'tiny', in_channels: int = 3,
                  mlp_ratio: float = 4., qkv_bias: bool = True, drop_rate: float = 0.,
@@ -518,54 +414,39 @@ class BOATCSWin(_BOATBackbone):
                  fsla_group_size: int = 49, fsla_overlap: int = 20,
                  fsla_qk_scale: Optional[float] = 1.0,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
-                 norm_eval: bool = False, with_cp: bool = False, use_ema: bool = False,
+                 with_cp: bool = False, use_ema: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None):
-        super().__init__(frozen_stages, norm_eval, use_ema, init_cfg)
+        super().__init__(in_channels, out_indices, frozen_stages, with_cp=with_cp,
+                         use_ema=use_ema, init_cfg=init_cfg)
         arch = resolve_arch(arch, self.arch_zoo, _ARCH_KEYS + ('split_sizes', ))
-        embed_dims, widths = _check_arch(arch, extra=('split_sizes', ))
+        self.num_features = widths = check_pyramid_arch(arch, extra_keys=('split_sizes', ))
         for i, heads in enumerate(arch['num_heads'][:3]):
             if heads % 2:
                 raise ValueError(f"arch['num_heads'][{i}]={heads} is invalid; allowed values: "
                                  'even ints (the heads split over two stripe branches)')
-        if last_stage_attn not in self._last_stage_attn:
-            raise ValueError(f'last_stage_attn={last_stage_attn!r} is invalid; allowed '
-                             f'values: {self._last_stage_attn}')
-        check_range('drop_path_rate', drop_path_rate, 0., 1.)
-        check_range('frozen_stages', frozen_stages, -1, 4)
-        self.out_indices = check_out_indices(out_indices, 4)
-        self.in_channels = in_channels
-        self.num_features = widths
-        fsla_cfg = dict(group_size=fsla_group_size, overlap=fsla_overlap,
-                        qk_scale=fsla_qk_scale)
+        check_choice('last_stage_attn', last_stage_attn, self.LAST_STAGE_ATTN)
+        check_block_options(mlp_ratio, drop_rate, drop_path_rate)
+        make_fsla = fsla_builder(fsla_group_size, fsla_overlap, fsla_qk_scale, qkv_bias,
+                                 drop_rate)
 
-        self.patch_embed = PatchEmbed(in_channels, embed_dims, 7, 4, 2)
-        self.drop_after_pos = nn.Dropout(drop_rate)
-        dpr = drop_path_rates(drop_path_rate, sum(arch['depths']))
+        self.patch_embed = CSWinPatchEmbed(in_channels, widths[0])
+        self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads, split) in enumerate(
-                zip(arch['depths'], arch['num_heads'], arch['split_sizes'])):
-            rates, dpr = dpr[:depth], dpr[depth:]
+        for i, (depth, heads, split, rates) in enumerate(zip(
+                arch['depths'], arch['num_heads'], arch['split_sizes'],
+                stage_rates(drop_path_rate, arch['depths']))):
             if i < 3:
                 windows = [(None, split), (split, None)]
             else:
                 windows = [(None, None) if last_stage_attn == 'global' else (split, split)]
             blocks = [
-                BOATCSWinBlock(widths[i], heads, windows, with_fsla=j % 2 == 0,
-                               fsla_cfg=fsla_cfg, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                               drop=drop_rate, drop_path=rates[j])
+                BOATCSWinBlock(widths[i], heads, windows,
+                               fsla=make_fsla(widths[i], heads) if j % 2 == 0 else None,
+                               mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                               drop_path=rates[j])
                 for j in range(depth)
             ]
             downsample = ConvMerge(widths[i], widths[i + 1]) if i < 3 else None
-            self.stages.append(_Stage(blocks, downsample, with_cp))
+            self.stages.append(Stage(blocks, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
-
-    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Public BOAT-CSWin keys -> this module's.
-
-        ``stage1_conv_embed.{0,2}`` -> ``patch_embed.{proj,norm}``, ``stage{s}.{j}`` ->
-        ``stages.{s-1}.blocks.{j}`` (``qkv``/``proj``/``attns.{b}.get_v`` under ``attn``),
-        ``merge{s}`` -> ``stages.{s-1}.downsample``, ``content_attn`` -> ``fsla``, ``get_v``
-        -> ``lepe``, ``norm3`` -> ``fsla_norm``; the final ``norm`` initialises ``out_norm3``;
-        the classifier ``head`` is dropped.
-        """
-        return _rename(state_dict, self.public_key_rules)
+        self._finish_init()

@@ -1,55 +1,28 @@
-"""Attention primitives shared by the backbones."""
+"""Swin's window attention, shared by BOAT-Swin and MAFormer."""
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import nn
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: Optional[float] = None,
-                     key_padding_mask: Optional[torch.Tensor] = None,
-                     attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v over (..., N, D) tensors.
-
-    Args:
-        scale: defaults to D ** -0.5.
-        key_padding_mask: bool, broadcastable to (..., 1, M); True marks keys to ignore
-            (padding). A query whose keys are all padding gets zeros, never NaN.
-        attn_bias: additive bias broadcastable to (..., N, M).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = attn_bias
-    if key_padding_mask is not None:
-        pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-        pad = pad.masked_fill(key_padding_mask, float('-inf'))
-        bias = pad if bias is None else bias + pad
-    if bias is not None and key_padding_mask is not None:
-        # Rows with every key masked would be NaN; give them a finite bias and zero them below.
-        all_masked = key_padding_mask.all(dim=-1, keepdim=True)
-        bias = bias.masked_fill(all_masked, 0.)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    if key_padding_mask is not None:
-        out = out.masked_fill(key_padding_mask.all(dim=-1, keepdim=True), 0.)
-    return out
 
 
 class WindowMSA(nn.Module):
     """Swin's window multi-head self-attention with a relative position bias.
 
     Input (B*nW, Wh*Ww, C) tokens of windows, optional additive mask (nW, Wh*Ww, Wh*Ww)
-    (shifted-window mask, -100 / 0 as in Swin). Keys as in the public Swin:
-    ``qkv``, ``proj``, ``relative_position_bias_table``, buffer ``relative_position_index``.
+    (:func:`~mmvit_plugins.models.layers.window.window_attention_mask`). Keys as in the public
+    Swin: ``qkv``, ``proj``, ``relative_position_bias_table``, buffer
+    ``relative_position_index``.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: Union[int, Tuple[int, int]],
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0., proj_drop: float = 0.):
+                 qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__()
         wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
         self.window_size = (wh, ww)
         self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij'))
@@ -61,7 +34,7 @@ class WindowMSA(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def relative_position_bias(self) -> torch.Tensor:
         """(num_heads, Wh*Ww, Wh*Ww)."""

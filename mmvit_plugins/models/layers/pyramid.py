@@ -8,16 +8,10 @@ from typing import List, Sequence
 
 import torch
 from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
 from torch import nn
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map; independent of the batch and size."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
 
 def _make_level(level: int, channels: int) -> nn.Module:

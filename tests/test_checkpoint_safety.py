@@ -262,6 +262,11 @@ def schemes_restored():
     assert CheckpointLoader._schemes == before
 
 
+def _runner_checkpoint_with(trained, path, **extra) -> str:
+    """The Runner's checkpoint with more entries (objects the safe loader refuses)."""
+    return _save(path, {**load_checkpoint_file(trained / 'iter_1.pth'), **extra})
+
+
 def _log(work_dir) -> str:
     return '\n'.join(p.read_text() for p in work_dir.rglob('*.log'))
 
@@ -279,8 +284,7 @@ def test_train_resumes_a_runner_checkpoint_without_trust(toy_config, trained, sc
 def test_train_refuses_malicious_resume_and_load_from(toy_config, trained, tmp_path,
                                                       schemes_restored):
     marker = tmp_path / 'MARKER'
-    evil = _save(tmp_path / 'evil.pth', {**load_checkpoint_file(trained / 'iter_1.pth'),
-                                         'x': Payload(marker)})
+    evil = _runner_checkpoint_with(trained, tmp_path / 'evil.pth', x=Payload(marker))
     config = _config(toy_config, 'evil')
     with pytest.raises(UnsafeCheckpointError, match='evil.pth'):
         train_tool.main([config, '--work-dir', str(tmp_path / 'w1'), '--resume', evil])
@@ -292,8 +296,7 @@ def test_train_refuses_malicious_resume_and_load_from(toy_config, trained, tmp_p
 
 def test_train_loads_a_trusted_checkpoint_only_with_the_flag(toy_config, trained, tmp_path,
                                                              schemes_restored):
-    custom = _save(tmp_path / 'custom.pth', {**load_checkpoint_file(trained / 'iter_1.pth'),
-                                             'extra': Custom(1)})
+    custom = _runner_checkpoint_with(trained, tmp_path / 'custom.pth', extra=Custom(1))
     config = _config(toy_config, 'custom')
     with pytest.raises(UnsafeCheckpointError, match='Custom'):
         train_tool.main([config, '--work-dir', str(tmp_path / 'w1'),
@@ -307,8 +310,7 @@ def test_train_loads_a_trusted_checkpoint_only_with_the_flag(toy_config, trained
 def test_test_tool_is_safe_by_default_and_trusts_on_request(toy_config, trained, tmp_path,
                                                             schemes_restored):
     marker = tmp_path / 'MARKER'
-    evil = _save(tmp_path / 'evil.pth', {**load_checkpoint_file(trained / 'iter_1.pth'),
-                                         'x': Payload(marker)})
+    evil = _runner_checkpoint_with(trained, tmp_path / 'evil.pth', x=Payload(marker))
     config = _config(toy_config, 'test')
     with pytest.raises(UnsafeCheckpointError, match='evil.pth'):
         test_tool.main([config, evil, '--work-dir', str(tmp_path / 't1')])
@@ -317,8 +319,7 @@ def test_test_tool_is_safe_by_default_and_trusts_on_request(toy_config, trained,
     test_tool.main([config, str(trained / 'iter_1.pth'), '--work-dir', str(tmp_path / 't2')])
     assert 'mIoU' in _log(tmp_path / 't2')
 
-    custom = _save(tmp_path / 'custom.pth', {**load_checkpoint_file(trained / 'iter_1.pth'),
-                                             'extra': Custom(1)})
+    custom = _runner_checkpoint_with(trained, tmp_path / 'custom.pth', extra=Custom(1))
     with pytest.raises(UnsafeCheckpointError, match='Custom'):
         test_tool.main([_config(toy_config, 'test2'), custom, '--work-dir', str(tmp_path / 't3')])
     test_tool.main([_config(toy_config, 'test3'), custom, '--trust-checkpoint',

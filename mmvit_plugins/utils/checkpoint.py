@@ -127,7 +127,8 @@ def safe_globals() -> List[Callable]:
 @contextmanager
 def _allow_listed() -> Iterator[None]:
     """``safe_globals()`` added to torch's allow-list for one load; the previous list (whatever
-    the user added) is restored afterwards, also on errors."""
+    the user added) is restored afterwards, also on errors. torch keeps one list per process:
+    a load in another thread at the same moment sees the additions too."""
     serialization = torch.serialization
     if not _TORCH_HAS_SAFE_GLOBALS:
         yield
@@ -185,7 +186,8 @@ def _refusal(err: BaseException) -> Optional[str]:
 def _read_error(err: BaseException, source: Union[str, BytesIO], name: str, kind: str,
                 size: int) -> Exception:
     """A ValueError (unreadable content) or RuntimeError naming the file and the cause."""
-    message = f'{type(err).__name__}: {err}'
+    detail = str(err).split('WeightsUnpickler error:')[-1].strip().split('\n')[0]
+    message = f'{type(err).__name__}: {detail}'
     if kind == 'zip':
         if isinstance(source, BytesIO):
             source.seek(0)
@@ -486,8 +488,9 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False, prefix: Optional[
     if wanted:
         kept = OrderedDict((k[len(wanted):], v) for k, v in out.items() if k.startswith(wanted))
         if not kept:
+            where = repr(key) if key else 'the top level'
             raise ValueError(f'checkpoint {name!r} has no key under prefix={prefix!r} (in '
-                             f'{key or "the top level"}); its first keys: {_listed(list(out), 5)}')
+                             f'{where}); its first keys: {_listed(list(out), 5)}')
         if len(kept) < len(out):
             print_log(f'{name}: took the {len(kept)} tensors under {wanted!r}, left out '
                       f'{len(out) - len(kept)} others', logger=logger)
@@ -662,6 +665,18 @@ def _load_with_report(module: nn.Module, state_dict: Mapping[str, Any], set_asid
               logger='current' if logger is None else logger,
               level=logging.INFO if report.ok else logging.WARNING)
     return report
+
+
+def add_converter_arguments(parser: argparse.ArgumentParser, example_dst: str) -> None:
+    """The arguments both model converters take: ``src``, ``dst``, ``--use-ema`` and
+    ``--trust-checkpoint``."""
+    parser.add_argument('src', help='public checkpoint (.pth / .pth.tar), as published')
+    parser.add_argument('dst', help=f'output path, e.g. {example_dst}')
+    parser.add_argument('--use-ema', action='store_true',
+                        help='take state_dict_ema when the checkpoint also has raw weights')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle everything in SRC (runs any code it names): only for a '
+                        'file you trust; by default only tensors and plain containers load')
 
 
 def convert_checkpoint_file(backbone: nn.Module, src: str, dst: str, use_ema: bool = False,

@@ -21,21 +21,16 @@ import argparse
 from typing import Optional, Sequence
 
 from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin
-from mmvit_plugins.utils.checkpoint import convert_checkpoint_file
+from mmvit_plugins.utils.checkpoint import add_converter_arguments, convert_checkpoint_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('src', help='public checkpoint (.pth with model / .pth.tar)')
-    parser.add_argument('dst', help='output path, e.g. checkpoints/boat-swin-t_mmvit.pth')
+    add_converter_arguments(parser, 'checkpoints/boat-swin-t_mmvit.pth')
     parser.add_argument('--model', required=True, choices=['swin', 'cswin'])
     parser.add_argument('--arch', default='tiny', choices=['tiny', 'small', 'base'])
     parser.add_argument('--window-size', type=int, default=7,
                         help='BOAT-Swin window size of the converted checkpoint')
-    parser.add_argument('--use-ema', action='store_true', help='take state_dict_ema if present')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='unpickle everything in SRC (runs any code it names): only for a '
-                        'file you trust; by default only tensors and plain containers load')
     return parser.parse_args(argv)
 
 

@@ -21,22 +21,17 @@ from typing import Optional, Sequence
 import torch
 
 from mmvit_plugins.models.backbones import RefinerViT
-from mmvit_plugins.utils.checkpoint import convert_checkpoint_file
+from mmvit_plugins.utils.checkpoint import add_converter_arguments, convert_checkpoint_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('src', help='public checkpoint (.pth / .pth.tar)')
-    parser.add_argument('dst', help='output path, e.g. checkpoints/refiner-vit-s_mmvit.pth')
+    add_converter_arguments(parser, 'checkpoints/refiner-vit-s_mmvit.pth')
     parser.add_argument('--arch', default='small', choices=['small', 'medium', 'large'])
     parser.add_argument('--pretrain-img-size', type=int, default=224,
                         help='position embedding size of the converted checkpoint')
     parser.add_argument('--with-cls-token', action='store_true',
                         help='keep the class token (global-attention RefinerViT only)')
-    parser.add_argument('--use-ema', action='store_true', help='take state_dict_ema if present')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='unpickle everything in SRC (runs any code it names): only for a '
-                        'file you trust; by default only tensors and plain containers load')
     return parser.parse_args(argv)
 
 

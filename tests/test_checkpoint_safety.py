@@ -19,7 +19,13 @@ from mmvit_plugins.utils.checkpoint import UnsafeCheckpointError, load_checkpoin
 from .conftest import TINY_BACKBONES
 from .helpers import ROOT, load_tool
 from .test_boat import _fake_public_checkpoint, _public_swin_keys
-from .test_checkpoint_utils import Custom, Payload, _messages, logged  # noqa: F401 (fixture)
+from .test_checkpoint_utils import (  # noqa: F401 (logged: a fixture)
+    Custom,
+    Payload,
+    _messages,
+    _save_to,
+    logged,
+)
 from .test_refiner_vit import TINY as REFINER_TINY
 from .test_refiner_vit import public_state_dict
 
@@ -34,22 +40,17 @@ def _public_swin() -> dict:
     return _fake_public_checkpoint(_swin(), _public_swin_keys(SWIN_TINY['depths']))
 
 
-def _save(path, obj):
-    torch.save(obj, path)
-    return str(path)
-
-
 # -- backbones: init_cfg=dict(type='Pretrained', ...) -----------------------------------------
 def test_backbone_refuses_a_malicious_checkpoint_unless_trusted(tmp_path):
     marker = tmp_path / 'MARKER'
-    evil = _save(tmp_path / 'evil.pth', {'model': _public_swin(), 'x': Payload(marker)})
+    evil = _save_to(tmp_path / 'evil.pth', {'model': _public_swin(), 'x': Payload(marker)})
     model = _swin(init_cfg=dict(type='Pretrained', checkpoint=evil))
     with pytest.raises(UnsafeCheckpointError, match=r"'.*evil.pth' was refused .*needs posix"):
         model.init_weights()
     assert not marker.exists()
 
     public = _public_swin()
-    custom = _save(tmp_path / 'custom.pth', {'model': public, 'extra': Custom(2)})
+    custom = _save_to(tmp_path / 'custom.pth', {'model': public, 'extra': Custom(2)})
     with pytest.raises(UnsafeCheckpointError, match='test_checkpoint_utils.Custom'):
         _swin(init_cfg=dict(type='Pretrained', checkpoint=custom)).init_weights()
     model = _swin(init_cfg=dict(type='Pretrained', checkpoint=custom, trust_checkpoint=True))
@@ -63,7 +64,7 @@ def test_backbone_refuses_a_malicious_checkpoint_unless_trusted(tmp_path):
     (dict(trust_checkpoint='yes'), r"trust_checkpoint='yes' is invalid; allowed values: True"),
 ])
 def test_pretrained_init_cfg_keys_are_checked(tmp_path, init_cfg, match):
-    path = _save(tmp_path / 'w.pth', {'model': _public_swin()})
+    path = _save_to(tmp_path / 'w.pth', {'model': _public_swin()})
     model = _swin(init_cfg=dict(type='Pretrained', checkpoint=path, **init_cfg))
     with pytest.raises(ValueError, match=match):
         model.init_weights()
@@ -71,7 +72,7 @@ def test_pretrained_init_cfg_keys_are_checked(tmp_path, init_cfg, match):
 
 def test_ema_only_checkpoint_loads_and_says_so(tmp_path, logged):  # noqa: F811
     public = {f'module.{k}': v for k, v in _public_swin().items()}
-    path = _save(tmp_path / 'ema.pth.tar', {'state_dict_ema': public, 'epoch': 300})
+    path = _save_to(tmp_path / 'ema.pth.tar', {'state_dict_ema': public, 'epoch': 300})
     model = _swin(init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     assert model.load_report.ok
@@ -80,9 +81,9 @@ def test_ema_only_checkpoint_loads_and_says_so(tmp_path, logged):  # noqa: F811
 
 
 def test_pretrained_url_goes_through_the_safe_loader(tmp_path, monkeypatch):
-    good = _save(tmp_path / 'good.pth', {'model': _public_swin()})
+    good = _save_to(tmp_path / 'good.pth', {'model': _public_swin()})
     marker = tmp_path / 'MARKER'
-    evil = _save(tmp_path / 'evil.pth', {'model': _public_swin(), 'x': Payload(marker)})
+    evil = _save_to(tmp_path / 'evil.pth', {'model': _public_swin(), 'x': Payload(marker)})
     served = {'https://host/good.pth': good, 'https://host/evil.pth': evil}
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
     monkeypatch.setattr(torch.hub, 'download_url_to_file',
@@ -112,7 +113,7 @@ def _converted(cls, **kwargs) -> dict:
 ], ids=['swin>cswin', 'swin>refiner', 'refiner>maformer', 'maformer>swin', 'cswin>refiner',
         'swin-wider>swin'])
 def test_checkpoint_of_another_family_or_size_is_an_error(tmp_path, checkpoint, cls, looks_like):
-    path = _save(tmp_path / 'other.pth', {'state_dict': checkpoint()})
+    path = _save_to(tmp_path / 'other.pth', {'state_dict': checkpoint()})
     model = cls(**TINY_BACKBONES[cls.__name__], init_cfg=dict(type='Pretrained', checkpoint=path))
     with pytest.raises(ValueError) as error:
         model.init_weights()
@@ -128,7 +129,7 @@ def test_bias_tables_of_wrong_shapes_are_listed_not_a_crash(tmp_path, logged):  
     other_heads = 'layers.2.blocks.1.attn.relative_position_bias_table'
     public[bad] = torch.randn(170, 2)  # no ((2w-1)**2, heads) table: crashed in the resize
     public[other_heads] = torch.randn(169, 5)
-    path = _save(tmp_path / 'odd.pth', {'model': public})
+    path = _save_to(tmp_path / 'odd.pth', {'model': public})
     model = _swin(init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     mismatched = model.load_report.mismatched
@@ -142,7 +143,7 @@ def test_bias_tables_of_wrong_shapes_are_listed_not_a_crash(tmp_path, logged):  
 def test_nan_weights_are_refused(tmp_path):
     public = _public_swin()
     public['layers.1.blocks.0.mlp.fc1.weight'][0, 0] = float('nan')
-    path = _save(tmp_path / 'nan.pth', {'model': public})
+    path = _save_to(tmp_path / 'nan.pth', {'model': public})
     with pytest.raises(ValueError, match=r"holds NaN or infinite values in 1 tensor\(s\): "
                                          r'layers.1.blocks.0.mlp.fc1.weight'):
         _swin(init_cfg=dict(type='Pretrained', checkpoint=path)).init_weights()
@@ -157,7 +158,7 @@ refiner2mmvit = load_tool('tools/model_converters/refiner2mmvit.py')
     (boat2mmvit, ['--model', 'swin']), (boat2mmvit, ['--model', 'cswin']), (refiner2mmvit, [])])
 def test_converters_refuse_malicious_checkpoints(tmp_path, converter, args):
     marker = tmp_path / 'MARKER'
-    evil = _save(tmp_path / 'evil.pth.tar', {'state_dict': {}, 'x': Payload(marker)})
+    evil = _save_to(tmp_path / 'evil.pth.tar', {'state_dict': {}, 'x': Payload(marker)})
     with pytest.raises(UnsafeCheckpointError, match='--trust-checkpoint'):
         converter.main([evil, str(tmp_path / 'out.pth'), *args])
     assert not marker.exists() and not (tmp_path / 'out.pth').exists()
@@ -173,7 +174,7 @@ def tiny_converters(monkeypatch):
 
 def test_boat2mmvit_converts_ema_only_and_trusted_checkpoints(tmp_path, tiny_converters, capsys):
     public = _public_swin()
-    src = _save(tmp_path / 'tiny.pth.tar',
+    src = _save_to(tmp_path / 'tiny.pth.tar',
                 {'state_dict_ema': {f'module.{k}': v for k, v in public.items()}})
     dst = tmp_path / 'checkpoints' / 'boat-swin-t_mmvit.pth'
     digest = boat2mmvit.main([src, str(dst), '--model', 'swin'])
@@ -186,17 +187,17 @@ def test_boat2mmvit_converts_ema_only_and_trusted_checkpoints(tmp_path, tiny_con
     torch.testing.assert_close(converted['stages.0.blocks.1.fsla.qkv.weight'],
                                public['layers.0.blocks.1.attnC.qkv.weight'])
 
-    custom = _save(tmp_path / 'custom.pth', {'model': public, 'config': Custom(1)})
+    custom = _save_to(tmp_path / 'custom.pth', {'model': public, 'config': Custom(1)})
     with pytest.raises(UnsafeCheckpointError, match='Custom'):
         boat2mmvit.main([custom, str(dst), '--model', 'swin'])
     boat2mmvit.main([custom, str(dst), '--model', 'swin', '--trust-checkpoint'])
 
 
 def test_converters_name_the_family_of_a_wrong_checkpoint(tmp_path, tiny_converters):
-    src = _save(tmp_path / 'refiner.pth', {'model': public_state_dict(48, 4, 4, 2.)})
+    src = _save_to(tmp_path / 'refiner.pth', {'model': public_state_dict(48, 4, 4, 2.)})
     with pytest.raises(ValueError, match=r'does not fit BOATSwin.*looks like Refiner-ViT, public'):
         boat2mmvit.main([src, str(tmp_path / 'out.pth'), '--model', 'swin'])
-    src = _save(tmp_path / 'swin.pth', {'model': _public_swin()})
+    src = _save_to(tmp_path / 'swin.pth', {'model': _public_swin()})
     with pytest.raises(ValueError, match=r'does not fit RefinerViT.*looks like BOAT-Swin, public'):
         refiner2mmvit.main([src, str(tmp_path / 'out.pth')])
     assert not (tmp_path / 'out.pth').exists()
@@ -204,7 +205,7 @@ def test_converters_name_the_family_of_a_wrong_checkpoint(tmp_path, tiny_convert
 
 def test_refiner2mmvit_converts_ema_only_checkpoints(tmp_path, tiny_converters, capsys):
     public = public_state_dict(48, 4, 4, 2.)
-    src = _save(tmp_path / 'refiner.pth.tar', {'state_dict_ema': public})
+    src = _save_to(tmp_path / 'refiner.pth.tar', {'state_dict_ema': public})
     dst = tmp_path / 'refiner-vit-s_mmvit.pth'
     digest = refiner2mmvit.main([src, str(dst)])
     assert f'{digest}  {dst}' in capsys.readouterr().out
@@ -264,7 +265,7 @@ def schemes_restored():
 
 def _runner_checkpoint_with(trained, path, **extra) -> str:
     """The Runner's checkpoint with more entries (objects the safe loader refuses)."""
-    return _save(path, {**load_checkpoint_file(trained / 'iter_1.pth'), **extra})
+    return _save_to(path, {**load_checkpoint_file(trained / 'iter_1.pth'), **extra})
 
 
 def _log(work_dir) -> str:

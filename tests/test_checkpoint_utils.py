@@ -404,3 +404,32 @@ def test_load_report_names_every_unmatched_key(logged):
     load_state_dict_report(model, model.state_dict())
     assert 'Sequential: loaded 6/6 tensors from state dict; all keys matched' in _messages(
         logged, logging.INFO)
+
+
+def test_torch_without_an_extensible_allow_list_loads_plain_files_only(tmp_path, monkeypatch):
+    """torch 1.13-2.3: weights_only=True without add_safe_globals (simulated)."""
+    from mmvit_plugins.utils import checkpoint
+    monkeypatch.setattr(checkpoint, '_TORCH_HAS_SAFE_GLOBALS', False)
+    plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights(), 'epoch': 3})
+    assert list(extract_state_dict(load_checkpoint_file(plain))) == ['fc.weight', 'fc.bias']
+    numpy = _save_to(tmp_path / 'numpy.pth', {'state_dict': _weights(), 'best': np.float64(1.)})
+    with pytest.raises(UnsafeCheckpointError, match=r'cannot extend its allow-list; with torch '
+                                                     r'>= 2.4 numpy values'):
+        load_checkpoint_file(numpy)
+    assert load_checkpoint_file(numpy, trust=True)['best'] == 1.
+
+
+def test_torch_without_weights_only_loads_trusted_files_only(tmp_path, monkeypatch):
+    """torch < 1.13 has no safe loader (simulated)."""
+    from mmvit_plugins.utils import checkpoint
+    monkeypatch.setattr(checkpoint, '_TORCH_HAS_WEIGHTS_ONLY', False)
+    plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights()})
+    with pytest.raises(UnsafeCheckpointError, match=r"'.*plain.pth' was not loaded: torch .* has "
+                                                     r'no safe loader .*needs torch >= 1.13'):
+        load_checkpoint_file(plain)
+    assert list(load_checkpoint_file(plain, trust=True)) == ['state_dict']
+
+
+def _save_to(path, obj):
+    torch.save(obj, path)
+    return str(path)

@@ -1,20 +1,21 @@
 """Evaluate a checkpoint of an mmdet or mmseg config that uses mmvit_plugins backbones.
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out PATH] [--show-dir DIR]
-                         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
+    python tools/test.py CONFIG CHECKPOINT [--trust-checkpoint] [--work-dir DIR] [--out PATH]
+                         [--show-dir DIR] [--cfg-options key=value ...]
+                         [--launcher none|pytorch|slurm|mpi]
+
+CHECKPOINT is read with the safe loader of mmvit_plugins.utils.checkpoint (tensors, plain
+containers and mmengine's training state); --trust-checkpoint reads it with full unpickling.
 """
 import argparse
 import os
 import os.path as osp
 
-from mmvit_plugins.utils.checkpoint import allow_full_checkpoint_loading
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
 
-allow_full_checkpoint_loading()  # before anything may call torch.load
-
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-from mmvit_plugins.utils.runtime import (  # noqa: E402
+from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.utils.runtime import (
     DictAction,
     config_scope,
     prepare_config,
@@ -26,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test (and evaluate) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='read CHECKPOINT with full unpickling, which runs any code it names: only for a '
+        "file you trust (by default tensors, plain containers and mmengine's training state "
+        'load)')
     parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
     parser.add_argument(
         '--out', help='mmdet: a .pkl file for the raw predictions; '
@@ -76,8 +82,9 @@ def main(argv=None) -> None:
         enable_visualization(cfg, scope, args.show_dir)
     if args.out:
         add_output(cfg, scope, args.out)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.test()
+    with safe_mmengine_loading([args.checkpoint] if args.trust_checkpoint else []):
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.test()
     shut_down_distributed()
 
 

@@ -1,19 +1,22 @@
 """Train an mmdet or mmseg model whose config uses mmvit_plugins backbones.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--trust-checkpoint] [--amp]
                           [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
+
+Checkpoints (--resume, load_from, Pretrained init) are read with the safe loader of
+mmvit_plugins.utils.checkpoint: tensors, plain containers and mmengine's training state.
+--trust-checkpoint reads the --resume / load_from checkpoint with full unpickling instead.
 """
 import argparse
 import os
+from typing import List
 
-from mmvit_plugins.utils.checkpoint import allow_full_checkpoint_loading
+from mmengine.config import Config
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner, find_latest_checkpoint
 
-allow_full_checkpoint_loading()  # before anything may call torch.load
-
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-from mmvit_plugins.utils.runtime import (  # noqa: E402
+from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.utils.runtime import (
     DictAction,
     prepare_config,
     shut_down_distributed,
@@ -28,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or from the latest one in the work dir if no '
         'path is given')
+    parser.add_argument(
+        '--trust-checkpoint', action='store_true',
+        help='read the --resume / load_from checkpoint with full unpickling, which runs any '
+        'code it names: only for a file you trust (by default tensors, plain containers and '
+        "mmengine's training state load)")
     parser.add_argument('--amp', action='store_true', help='mixed-precision training')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
@@ -53,9 +61,20 @@ def main(argv=None) -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    trusted = resumed_or_loaded(cfg) if args.trust_checkpoint else []
+    with safe_mmengine_loading(trusted):
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.train()
     shut_down_distributed()
+
+
+def resumed_or_loaded(cfg: Config) -> List[str]:
+    """The checkpoint the Runner will resume from or load: ``load_from``, or with
+    ``resume=True`` and none, the latest in the work dir (as ``Runner.load_or_resume`` finds)."""
+    if cfg.get('load_from'):
+        return [cfg.load_from]
+    latest = find_latest_checkpoint(cfg.work_dir) if cfg.get('resume') else None
+    return [latest] if latest else []
 
 
 if __name__ == '__main__':

@@ -1,11 +1,18 @@
 from .checkpoint import (
-                         allow_full_checkpoint_loading,
-                         extract_state_dict,
-                         load_checkpoint_file,
-                         load_state_dict_report,
+    LoadReport,
+    UnsafeCheckpointError,
+    check_finite,
+    describe_keys,
+    extract_state_dict,
+    file_sha256,
+    load_checkpoint_file,
+    load_state_dict_report,
+    safe_globals,
+    safe_mmengine_loading,
 )
 
 __all__ = [
-    'allow_full_checkpoint_loading', 'extract_state_dict', 'load_checkpoint_file',
-    'load_state_dict_report'
+    'LoadReport', 'UnsafeCheckpointError', 'check_finite', 'describe_keys', 'extract_state_dict',
+    'file_sha256', 'load_checkpoint_file', 'load_state_dict_report', 'safe_globals',
+    'safe_mmengine_loading'
 ]

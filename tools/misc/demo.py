@@ -16,16 +16,12 @@ import sys
 import time
 from typing import List
 
-from mmvit_plugins.utils.checkpoint import allow_full_checkpoint_loading
-
-allow_full_checkpoint_loading()  # before anything may call torch.load
-
-import mmcv  # noqa: E402
-import torch  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.registry import MODELS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-from mmengine.utils import mkdir_or_exist  # noqa: E402
+import mmcv
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS
+from mmengine.runner import Runner
+from mmengine.utils import mkdir_or_exist
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from make_toy_dataset import make_det_toy, make_seg_toy, toy_overrides  # noqa: E402

@@ -306,23 +306,41 @@ class PyramidBackbone(BaseModule):
         return state_dict
 
     def init_weights(self) -> None:
+        """Initialise, or load ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
+
+        The init_cfg may also hold ``prefix`` (take the keys under it), ``map_location`` and
+        ``trust_checkpoint``. The checkpoint is read with the safe loader of
+        ``mmvit_plugins.utils.checkpoint`` (tensors and plain containers);
+        ``trust_checkpoint=True`` unpickles everything, which runs whatever code the file
+        names: only for a file you trust. Raises a ValueError naming the checkpoint and the
+        family its keys look like when fewer than half of the tensors load.
+        """
         pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'
         if not pretrained:
             super().init_weights()
             self._freeze_stages()
             return
-        logger = MMLogger.get_current_instance()
+        allowed = ('type', 'checkpoint', 'prefix', 'map_location', 'trust_checkpoint')
+        unknown = sorted(set(self.init_cfg) - set(allowed))
+        if unknown:
+            raise ValueError(f"init_cfg=dict(type='Pretrained') got unknown keys {unknown}; "
+                             f'allowed keys: {list(allowed)}')
         checkpoint = self.init_cfg.get('checkpoint')
         if not checkpoint:
-            raise ValueError("init_cfg=dict(type='Pretrained') needs checkpoint=<path>")
-        state = extract_state_dict(load_checkpoint_file(checkpoint), use_ema=self.use_ema)
-        prefix = self.init_cfg.get('prefix')
-        if prefix:
-            prefix = prefix.rstrip('.') + '.'
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            raise ValueError("init_cfg=dict(type='Pretrained') needs checkpoint=<path or URL>")
+        trust = self.init_cfg.get('trust_checkpoint', False)
+        if not isinstance(trust, bool):
+            raise ValueError(f'init_cfg trust_checkpoint={trust!r} is invalid; allowed values: '
+                             'True, False')
+        logger = MMLogger.get_current_instance()
+        loaded = load_checkpoint_file(checkpoint, self.init_cfg.get('map_location', 'cpu'),
+                                      trust=trust)
+        state = extract_state_dict(loaded, use_ema=self.use_ema,
+                                   prefix=self.init_cfg.get('prefix'), name=checkpoint,
+                                   logger=logger)
         self.load_report = load_state_dict_report(
-            self, self.convert_checkpoint(dict(state)),
-            ignore_missing=self._keys_not_in_public_checkpoints, logger=logger)
+            self, state, ignore_missing=self._keys_not_in_public_checkpoints, logger=logger,
+            checkpoint=checkpoint, convert=self.convert_checkpoint, min_loaded=0.5)
         self._is_init = True
         self._freeze_stages()
 

@@ -578,28 +578,11 @@ class LoadReport(NamedTuple):
         return '; '.join(parts) if parts else 'all keys matched'
 
 
-def _is_bias_table(value: torch.Tensor) -> bool:
-    """((2w-1)**2, heads): the only shape a relative position bias table can be resized from."""
-    if value.dim() != 2:
-        return False
-    side = round(value.shape[0]**0.5)
-    return side * side == value.shape[0] and side % 2 == 1
-
-
 def _convert(module: nn.Module, convert: Callable[[Dict[str, Any]], Dict[str, Any]],
-             state_dict: Mapping[str, Any], name: str) -> Tuple[Dict[str, Any], List[str]]:
-    """``convert`` applied to the tensors it can map; those it cannot (relative position bias
-    tables that are no ((2w-1)**2, heads) table) are listed as mismatched by their key."""
-    kept, set_aside = {}, []
-    for key, value in state_dict.items():
-        if (key.endswith('relative_position_bias_table') and isinstance(value, torch.Tensor)
-                and not _is_bias_table(value)):
-            set_aside.append(f'{key}: checkpoint {tuple(value.shape)} is no ((2w-1)**2, heads) '
-                             'table')
-        else:
-            kept[key] = value
+             state_dict: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    """``convert(state_dict)``, its errors re-raised naming the checkpoint and its family."""
     try:
-        return convert(kept), set_aside
+        return convert(dict(state_dict))
     except (ValueError, RuntimeError, IndexError, KeyError, TypeError) as err:
         raise ValueError(
             f'checkpoint {name!r} cannot be converted for {type(module).__name__} '
@@ -613,7 +596,8 @@ def load_state_dict_report(module: nn.Module,
                            logger: Optional[Logger] = None,
                            checkpoint: Optional[str] = None,
                            convert: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
-                           min_loaded: float = 0.0) -> LoadReport:
+                           min_loaded: float = 0.0,
+                           source: Optional[Mapping[str, Any]] = None) -> LoadReport:
     """Load what matches, and log every key that does not, by name and reason.
 
     The report is logged as INFO when every key matched, else as WARNING.
@@ -626,20 +610,15 @@ def load_state_dict_report(module: nn.Module,
             ``convert_checkpoint``); errors in it are reported with the checkpoint's name.
         min_loaded: the smallest share of the module's tensors that must load; below it a
             ValueError names the checkpoint, the count and the family its keys look like.
+        source: the state dict as the checkpoint holds it, when ``state_dict`` was converted
+            already (for the family in messages).
     """
     name = checkpoint or 'state dict'
-    converted, set_aside = (_convert(module, convert, state_dict, name) if convert is not None
-                            else (state_dict, []))
-    return _load_with_report(module, converted, set_aside, state_dict, name, ignore_missing,
-                             logger, min_loaded)
-
-
-def _load_with_report(module: nn.Module, state_dict: Mapping[str, Any], set_aside: List[str],
-                      source: Mapping[str, Any], name: str, ignore_missing: Sequence[str],
-                      logger: Optional[Logger], min_loaded: float) -> LoadReport:
-    """``load_state_dict_report`` after conversion; ``source`` is the unconverted state dict."""
+    source = state_dict if source is None else source
+    if convert is not None:
+        state_dict = _convert(module, convert, state_dict, name)
     own: Dict[str, torch.Tensor] = module.state_dict()
-    loadable, unexpected, mismatched = OrderedDict(), [], list(set_aside)
+    loadable, unexpected, mismatched = OrderedDict(), [], []
     for key, value in state_dict.items():
         if key not in own:
             unexpected.append(key)
@@ -689,9 +668,10 @@ def convert_checkpoint_file(backbone: nn.Module, src: str, dst: str, use_ema: bo
         The sha256 of the written file.
     """
     state = extract_state_dict(load_checkpoint_file(src, trust=trust), use_ema=use_ema, name=src)
-    converted, set_aside = _convert(backbone, backbone.convert_checkpoint, state, src)
-    _load_with_report(backbone, converted, set_aside, state, src,
-                      getattr(backbone, '_keys_not_in_public_checkpoints', ()), None, 0.5)
+    converted = _convert(backbone, backbone.convert_checkpoint, state, src)
+    load_state_dict_report(backbone, converted,
+                           getattr(backbone, '_keys_not_in_public_checkpoints', ()),
+                           checkpoint=src, min_loaded=0.5, source=state)
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     torch.save({'state_dict': converted, 'meta': dict(meta or {}, source=src)}, dst)
     print_log(f'saved {len(converted)} tensors to {dst}', logger='current')

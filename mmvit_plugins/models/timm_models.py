@@ -51,7 +51,8 @@ class _TimmModel(nn.Module):
     """What the timm models share: the mm backbone as ``self.backbone`` built with
     ``out_indices`` (its per-stage norms exist only for those stages), ``feature_info`` of all four
     stages, ``forward_intermediates`` (the backbone's maps), pruning for ``features_only`` and
-    checkpoint key mapping (see :func:`checkpoint_filter_fn`)."""
+    checkpoint key mapping (see :func:`checkpoint_filter_fn`). Subclasses define the classifier:
+    ``forward_features``, ``forward_head``, ``get_classifier`` and ``reset_classifier``."""
     backbone_cls: Type[PyramidBackbone]
     # Top-level (non-backbone) key prefixes of public checkpoints that this model owns.
     head_prefixes: Tuple[str, ...] = ('head.', )
@@ -72,15 +73,6 @@ class _TimmModel(nn.Module):
         """(B, in_chans, H, W) -> logits (B, num_classes), or (B, num_features) if
         ``num_classes=0``."""
         return self.forward_head(self.forward_features(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        raise NotImplementedError
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -132,6 +124,8 @@ class _TimmModel(nn.Module):
         return self._final_features(x, maps), intermediates
 
     def _final_features(self, x: torch.Tensor, maps: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """``forward_features(x)``, from the stage maps where they hold it (else a second pass:
+        Refiner-ViT's tokens are not among its maps)."""
         return self.forward_features(x)
 
     def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,

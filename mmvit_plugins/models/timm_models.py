@@ -196,7 +196,6 @@ class PyramidClassifier(_TimmModel):
         **kwargs: the backbone's arguments (``arch``, ``drop_rate``, ``drop_path_rate``,
             ``window_size``, ``with_cp``, ...).
     """
-    head_prefixes = ('head.', )
     _final_stage = NUM_STAGES - 1
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg',
@@ -364,9 +363,6 @@ class RefinerViTClassifier(_TimmModel):
         if prune_head:
             self.norm = nn.Identity()
         return take
-
-    def head_key(self, key: str) -> str:
-        return key
 
 
 # -- registration ------------------------------------------------------------------------------

@@ -405,7 +405,7 @@ def test_refiner_windowed_features_and_pooling_options():
     features = _create('refiner_vit_s', features_only=True, with_cls_token=False,
                        global_attn_indexes=(2, 3), window_size=4)
     assert [o.shape[1:] for o in features(torch.randn(1, 3, 100, 150))] == [
-        (48, 28, 40), (48, 14, 20), (48, 7, 10), (48, 4, 5)]
+        (48, 25, 38), (48, 13, 19), (48, 7, 10), (48, 4, 5)]
     avg = _create('refiner_vit_s', with_cls_token=False, global_attn_indexes=(2, 3),
                   window_size=4, num_classes=4)
     assert avg.global_pool == 'avg' and avg(torch.randn(1, 3, *SIZE)).shape == (1, 4)

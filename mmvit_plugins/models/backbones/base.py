@@ -113,6 +113,11 @@ def check_indices(name: str, indices: Any, num: int, what: str = 'index',
     return normalised
 
 
+def check_out_indices(out_indices: Any, num_outputs: int = 4) -> Tuple[int, ...]:
+    """``out_indices``: distinct output indices (negative allowed), sorted, in [0, num)."""
+    return tuple(sorted(check_indices('out_indices', out_indices, num_outputs, 'output')))
+
+
 def check_heads(widths: Sequence[int], heads: Sequence[int], name: str = 'num_heads') -> None:
     """Every stage width must split evenly into its heads."""
     for stage, (width, num_heads) in enumerate(zip(widths, heads)):
@@ -280,8 +285,7 @@ class PyramidBackbone(BaseModule):
                  use_ema: bool = False, init_cfg: Optional[Union[dict, List[dict]]] = None):
         super().__init__(init_cfg=init_cfg)
         self.in_channels = check_int('in_channels', in_channels, low=1)
-        self.out_indices = tuple(sorted(check_indices('out_indices', out_indices,
-                                                      len(PYRAMID_STRIDES), 'output')))
+        self.out_indices = check_out_indices(out_indices, len(PYRAMID_STRIDES))
         self.frozen_stages = check_int('frozen_stages', frozen_stages, -1, num_frozen_units)
         self.with_cp = bool(with_cp)
         self.use_ema = bool(use_ema)

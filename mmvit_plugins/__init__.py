@@ -3,7 +3,7 @@
 Importing the package registers every backbone (and the layer-decay optimizer constructor) in
 mmengine's root registries, so mmdet's and mmseg's ``MODELS.build`` find them by type name.
 """
-from . import models, optim  # noqa: F401  (registration happens at import)
+from . import engine, models, optim  # noqa: F401  (registration happens at import)
 from .models import timm_models  # noqa: F401  (registers the timm models)
 from .version import __version__
 

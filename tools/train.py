@@ -18,6 +18,7 @@ from mmengine.runner import Runner, find_latest_checkpoint
 from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
 from mmvit_plugins.utils.runtime import (
     DictAction,
+    configure_amp,
     prepare_config,
     shut_down_distributed,
 )
@@ -36,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='read the --resume / load_from checkpoint with full unpickling, which runs any '
         'code it names: only for a file you trust (by default tensors, plain containers and '
         "mmengine's training state load)")
-    parser.add_argument('--amp', action='store_true', help='mixed-precision training')
+    parser.add_argument(
+        '--amp', action='store_true',
+        help='mixed-precision training: fp16 autocast with dynamic loss scale on CUDA, bf16 '
+        'autocast on CPU')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings in the config, key=value pairs (xxx=yyy format)')
@@ -51,12 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = prepare_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    if args.amp:
-        if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
-            print('AMP training is already enabled in the config.')
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+    configure_amp(cfg, args.amp)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:

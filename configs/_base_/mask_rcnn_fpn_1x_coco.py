@@ -15,6 +15,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['mmvit_plugins'], allow_failed_imports=False)
+# Checkpoints carry the random generators' state, for exact resume (docs/faq.md).
+custom_hooks = [dict(type='RandomStateHook')]
 
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs)

@@ -13,6 +13,8 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
 custom_imports = dict(imports=['mmvit_plugins'], allow_failed_imports=False)
+# Checkpoints carry the random generators' state, for exact resume (docs/faq.md).
+custom_hooks = [dict(type='RandomStateHook')]
 
 num_classes = 150
 crop_size = (512, 512)

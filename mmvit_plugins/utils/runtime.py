@@ -97,3 +97,35 @@ def register_scope(scope: str) -> None:
     else:
         from mmseg.utils import register_all_modules
     register_all_modules(init_default_scope=True)
+
+
+def configure_amp(cfg: Config, enable: bool = False) -> None:
+    """Mixed precision for tools/train.py, in place.
+
+    ``enable`` (``--amp``) turns mmengine's ``AmpOptimWrapper`` on: float16 autocast with a
+    dynamic loss scale, unless the config already chose an AMP wrapper (its settings are kept).
+    Without CUDA, an ``AmpOptimWrapper`` (from ``--amp`` or the config) becomes
+    ``CPUAmpOptimWrapper``: CPU autocast runs in bfloat16 only, which needs no loss scale; for
+    a detector only its backbone and neck run under autocast (mmcv's CPU NMS and RoIAlign have
+    no bfloat16 kernels). A warning says so. With CUDA the config is mmengine's, unchanged.
+    """
+    wrapper = cfg.optim_wrapper
+    if enable:
+        if wrapper.get('type', 'OptimWrapper') in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+            print_log('--amp: AMP training is already enabled in the config', logger='current')
+        else:
+            wrapper.type = 'AmpOptimWrapper'
+            wrapper.loss_scale = 'dynamic'
+            wrapper.dtype = 'float16'
+    if wrapper.get('type') == 'AmpOptimWrapper' and not torch.cuda.is_available():
+        dtype = wrapper.pop('dtype', None)
+        for key in ('loss_scale', 'use_fsdp'):
+            wrapper.pop(key, None)
+        wrapper.type, wrapper.dtype = 'CPUAmpOptimWrapper', 'bfloat16'
+        if config_scope(cfg) == 'mmdet':
+            wrapper.setdefault('autocast_modules',
+                               [m for m in ('backbone', 'neck') if m in cfg.model])
+        parts = wrapper.get('autocast_modules') or 'the whole model'
+        print_log(f'CUDA is not available: AmpOptimWrapper (dtype={dtype}) switched to '
+                  f'CPUAmpOptimWrapper (bfloat16 autocast of {parts}, no loss scale)',
+                  logger='current', level=30)

@@ -1,0 +1,9 @@
+"""Mask R-CNN + FPN + BOAT-Swin-T on COCO, 1x (as mask_rcnn_boat_swin_t_fpn_1x_coco.py) with
+mixed precision.
+
+mmengine's AmpOptimWrapper: float16 autocast with a dynamic loss scale on CUDA (any GPU; set
+``dtype='bfloat16'`` on GPUs that have it to drop the loss scale). tools/train.py runs it on a
+machine without CUDA as CPUAmpOptimWrapper, in bfloat16 (the only CPU autocast dtype).
+"""
+_base_ = ['./mask_rcnn_boat_swin_t_fpn_1x_coco.py']
+optim_wrapper = dict(type='AmpOptimWrapper', dtype='float16', loss_scale='dynamic')

@@ -20,6 +20,7 @@ from mmvit_plugins.utils.runtime import (
     DictAction,
     configure_amp,
     prepare_config,
+    seed_from_checkpoint,
     shut_down_distributed,
 )
 
@@ -60,8 +61,9 @@ def main(argv=None) -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    trusted = resumed_or_loaded(cfg) if args.trust_checkpoint else []
-    with safe_mmengine_loading(trusted):
+    checkpoint = resumed_or_loaded(cfg)
+    seed_from_checkpoint(cfg, checkpoint[0] if checkpoint else None, args.trust_checkpoint)
+    with safe_mmengine_loading(checkpoint if args.trust_checkpoint else []):
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
         runner.train()
     shut_down_distributed()

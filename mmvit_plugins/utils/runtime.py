@@ -129,3 +129,20 @@ def configure_amp(cfg: Config, enable: bool = False) -> None:
         print_log(f'CUDA is not available: AmpOptimWrapper (dtype={dtype}) switched to '
                   f'CPUAmpOptimWrapper (bfloat16 autocast of {parts}, no loss scale)',
                   logger='current', level=30)
+
+
+def seed_from_checkpoint(cfg: Config, checkpoint: Optional[str], trust: bool = False) -> None:
+    """Resuming with no seed in the config: take the interrupted run's (its ``meta['seed']``).
+
+    mmengine adopts the checkpoint's seed only after it built the data sampler and workers
+    with a fresh one, so without this the resumed run draws other data and augmentations.
+    """
+    randomness = dict(cfg.get('randomness') or {})
+    if not cfg.get('resume') or checkpoint is None or randomness.get('seed') is not None:
+        return
+    from mmvit_plugins.utils.checkpoint import load_checkpoint_file
+    meta = load_checkpoint_file(checkpoint, trust=trust).get('meta') or {}
+    if meta.get('seed') is not None:
+        cfg.randomness = dict(randomness, seed=meta['seed'])
+        print_log(f"resuming with the seed of {checkpoint}: {meta['seed']} (the config sets "
+                  'none)', logger='current')

@@ -327,3 +327,22 @@ def test_test_tool_is_safe_by_default_and_trusts_on_request(toy_config, trained,
     test_tool.main([_config(toy_config, 'test3'), custom, '--trust-checkpoint',
                     '--work-dir', str(tmp_path / 't4')])
     assert 'mIoU' in _log(tmp_path / 't4')
+
+
+def test_image_demo_is_safe_by_default_and_trusts_on_request(toy_config, trained, tmp_path,
+                                                             schemes_restored):
+    demo = load_tool('tools/misc/image_demo.py')
+    image = next((toy_config[0] / 'ade' / 'images' / 'validation').iterdir())
+    config = _config(toy_config, 'demo')
+    marker = tmp_path / 'MARKER'
+    evil = _runner_checkpoint_with(trained, tmp_path / 'evil.pth', x=Payload(marker))
+    with pytest.raises(UnsafeCheckpointError, match='evil.pth'):
+        demo.main([str(image), config, evil, '--out-file', str(tmp_path / 'evil.png')])
+    assert not marker.exists() and not (tmp_path / 'evil.png').exists()
+
+    custom = _runner_checkpoint_with(trained, tmp_path / 'custom.pth', extra=Custom(1))
+    with pytest.raises(UnsafeCheckpointError, match='Custom'):
+        demo.main([str(image), config, custom, '--out-file', str(tmp_path / 'custom.png')])
+    out = demo.main([str(image), config, custom, '--trust-checkpoint',
+                     '--out-file', str(tmp_path / 'custom.png')])
+    assert os.path.isfile(out)

@@ -2,6 +2,7 @@
 step and one test step on toy data (backbone and heads shrunk through config overrides)."""
 import copy
 import math
+import re
 from functools import lru_cache
 
 import pytest
@@ -23,6 +24,8 @@ from .helpers import ROOT, load_tool
 CONFIGS = sorted(p for p in (ROOT / 'configs').glob('*.py'))
 SEG_CONFIGS = [p for p in CONFIGS if p.name.startswith('upernet_')]
 DET_CONFIGS = [p for p in CONFIGS if p.name.startswith('mask_rcnn_')]
+# Another recipe for a preset that has its three configs (same backbone, other optimizer).
+LAYER_DECAY = ROOT / 'configs' / 'upernet_refiner_vit_s_layer_decay_ade20k.py'
 TOY_SIZE = 64
 
 # Small custom archs (one per backbone type) for the step tests: same code paths, few channels.
@@ -52,6 +55,12 @@ def _registered(type_name: str) -> bool:
 
 
 @lru_cache(maxsize=None)
+def _loaded(path) -> Config:
+    """A config as loaded from its file, shared by the tests that only read it."""
+    return Config.fromfile(str(path))
+
+
+@lru_cache(maxsize=None)
 def _full_widths(type_name: str, arch: str):
     """The preset's output widths, from a build with the fewest blocks (widths do not depend on
     depth)."""
@@ -67,7 +76,7 @@ def _full_widths(type_name: str, arch: str):
 def test_every_backbone_has_configs():
     """Adding a backbone preset means adding its three config files."""
     stems = {p.name[len('upernet_'):-len('_ade20k.py')] for p in SEG_CONFIGS
-             if p.name.endswith('_ade20k.py')}  # not the *_amp.py variants
+             if p.name.endswith('_ade20k.py') and p != LAYER_DECAY}  # no *_amp.py variants
     assert stems, 'no UperNet configs found'
     for stem in stems:
         for sched in ('1x', 'ms_3x'):
@@ -77,7 +86,7 @@ def test_every_backbone_has_configs():
 
 @pytest.mark.parametrize('path', SEG_CONFIGS, ids=lambda p: p.stem)
 def test_seg_config_settings(path):
-    cfg = Config.fromfile(str(path))
+    cfg = _loaded(path)
     assert cfg.default_scope == 'mmseg'
     assert cfg.custom_imports['imports'] == ['mmvit_plugins']
     assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == 150
@@ -85,8 +94,15 @@ def test_seg_config_settings(path):
     assert cfg.train_cfg.max_iters == 160000
     assert cfg.val_evaluator.iou_metrics == ['mIoU']
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
-    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
+    if path != LAYER_DECAY:
+        assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
     assert [s.type for s in cfg.param_scheduler] == ['LinearLR', 'PolyLR']
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
+    assert cfg.auto_scale_lr.base_batch_size == 8 * cfg.train_dataloader.batch_size
+    assert cfg.tta_model.type == 'SegTTAModel'
+    resizes, flips, *_ = cfg.tta_pipeline[1].transforms
+    assert [t.scale_factor for t in resizes] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    assert sorted(t.prob for t in flips) == [0., 1.]
     assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'
     backbone = cfg.model.backbone
     widths = _full_widths(backbone.type, backbone.arch) if _registered(backbone.type) else None
@@ -97,7 +113,7 @@ def test_seg_config_settings(path):
 
 @pytest.mark.parametrize('path', DET_CONFIGS, ids=lambda p: p.stem)
 def test_det_config_settings(path):
-    cfg = Config.fromfile(str(path))
+    cfg = _loaded(path)
     assert cfg.default_scope == 'mmdet'
     assert cfg.custom_imports['imports'] == ['mmvit_plugins']
     assert cfg.model.type == 'MaskRCNN'
@@ -105,11 +121,65 @@ def test_det_config_settings(path):
     assert set(cfg.val_evaluator.metric) == {'bbox', 'segm'}
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
     assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
+    assert cfg.auto_scale_lr.base_batch_size == 8 * cfg.train_dataloader.batch_size
+    assert cfg.tta_model.type == 'DetTTAModel' and cfg.tta_model.tta_cfg.max_per_img == 100
+    resizes, flips, *_ = cfg.tta_pipeline[1].transforms
+    assert [t.scale for t in resizes] == [(1333, 800), (666, 400), (2000, 1200)]
+    assert sorted(t.prob for t in flips) == [0., 1.]
     if '_ms_3x_' in path.name:
         assert 'RandomChoice' in [t.type for t in cfg.train_dataloader.dataset.pipeline]
     backbone = cfg.model.backbone
     if _registered(backbone.type):
         assert cfg.model.neck.in_channels == _full_widths(backbone.type, backbone.arch)
+
+
+def test_layer_decay_config_lrs():
+    """Refiner-ViT-S's 16 blocks at lr x 0.75 ** (16 - i), embeddings at lr x 0.75 ** 17, the
+    rest at lr; built from the config on the full-size backbone."""
+    cfg = _loaded(LAYER_DECAY)
+    backbone_cfg = dict(cfg.model.backbone, init_cfg=None)
+    assert cfg.optim_wrapper.constructor == 'LayerDecayOptimWrapperConstructor'
+    num_layers = MODELS.get(backbone_cfg['type']).arch_zoo[backbone_cfg['arch']]['num_layers']
+    assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=num_layers, layer_decay_rate=0.75)
+    model = torch.nn.Module()
+    model.backbone = MODELS.build(backbone_cfg)
+    model.decode_head = torch.nn.Conv2d(4, 2, 1)
+    groups = {name: group for group in build_optim_wrapper(model, cfg.optim_wrapper)
+              .optimizer.param_groups for name in group['param_names']}
+    lr = cfg.optim_wrapper.optimizer.lr
+    assert groups['backbone.patch_embed.proj.weight']['lr'] == pytest.approx(lr * 0.75**17)
+    assert groups[f'backbone.blocks.{num_layers - 1}.mlp.fc1.weight']['lr'] == \
+        pytest.approx(lr * 0.75)
+    assert groups['decode_head.weight']['lr'] == pytest.approx(lr)
+    assert groups['decode_head.bias']['weight_decay'] == 0.
+    assert groups['decode_head.weight']['weight_decay'] == cfg.optim_wrapper.optimizer.weight_decay
+
+
+def test_model_index_lists_every_config_once_as_it_is():
+    """model-index.yml (openmim) names each config once, with its task and dataset, the
+    paper's number exactly where the config's docstring quotes one, and its backbone
+    checkpoint; the upstream weights it names are in docs/model_zoo.md."""
+    import modelindex  # installed with openmim (requirements/tests.txt)
+    index = modelindex.load(str(ROOT / 'model-index.yml'))
+    assert index.check(silent=True) == []
+    models = {model.name: model for model in index.models}
+    assert len(models) == len(index.models) and set(models) == {p.stem for p in CONFIGS}
+    zoo = (ROOT / 'docs' / 'model_zoo.md').read_text()
+    for path in CONFIGS:
+        model, cfg = models[path.stem], _loaded(path)
+        assert model.config == f'configs/{path.name}'
+        (result, ) = model.results
+        seg = config_scope(cfg) == 'mmseg'
+        assert (result.task, result.dataset) == (('Semantic Segmentation', 'ADE20K') if seg
+                                                 else ('Instance Segmentation', 'COCO'))
+        quoted = re.search(r'Paper: ([\d.]+) mIoU', path.read_text())
+        assert result.metrics == ({'mIoU': float(quoted.group(1))} if quoted else {}), path.name
+        init_cfg = cfg.model.backbone.get('init_cfg')
+        meta = model.metadata.data
+        assert meta.get('Backbone Checkpoint') == (init_cfg.checkpoint if init_cfg else None)
+        if 'Pretrained Weights URL' in meta:
+            assert meta['Pretrained Weights URL'] in zoo, path.name
 
 
 def _shrink(cfg: Config, scope: str) -> None:

@@ -35,7 +35,8 @@ mmcv_version=$(pinned "$req/mmcv.txt" mmcv)
 # A stamp of every file that decides the environment's content: unchanged stamp + passing checks
 # means nothing to do.
 stamp_file=$venv/.mmvit_stamp
-stamp=$(cat "$req"/*.txt "$repo/setup.cfg" "$repo/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$req"/*.txt "$repo/setup.cfg" "$repo/setup.py" "$repo/pyproject.toml" "$0" |
+    sha256sum | cut -d' ' -f1)
 
 check_stack() {
     # Fails with a readable reason when the compiled ops, mmdet or mmseg do not work.

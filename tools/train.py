@@ -1,11 +1,14 @@
 """Train an mmdet or mmseg model whose config uses mmvit_plugins backbones.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--trust-checkpoint] [--amp]
-                          [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
+                          [--auto-scale-lr] [--cfg-options key=value ...]
+                          [--launcher none|pytorch|slurm|mpi]
 
 Checkpoints (--resume, load_from, Pretrained init) are read with the safe loader of
 mmvit_plugins.utils.checkpoint: tensors, plain containers and mmengine's training state.
 --trust-checkpoint reads the --resume / load_from checkpoint with full unpickling instead.
+--auto-scale-lr scales the optimizer's learning rate(s) by (processes x batch_size) /
+``auto_scale_lr.base_batch_size``, as mmdet's tools/train.py does (mmengine's Runner scales).
 """
 import argparse
 import os
@@ -47,16 +50,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='override settings in the config, key=value pairs (xxx=yyy format)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
+    parser.add_argument(
+        '--auto-scale-lr', action='store_true',
+        help='scale the lr by the actual total batch size over the config\'s '
+        'auto_scale_lr.base_batch_size')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
+def enable_auto_scale_lr(cfg: Config) -> None:
+    """Switch on mmengine's lr scaling; the config must name its ``base_batch_size``."""
+    base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
+    if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
+        raise ValueError(f'--auto-scale-lr needs auto_scale_lr.base_batch_size in the config (a '
+                         f'positive int, the total batch the lr is set for), got {base!r}; e.g. '
+                         'auto_scale_lr = dict(enable=False, base_batch_size=16)')
+    cfg.auto_scale_lr.enable = True
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = prepare_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     configure_amp(cfg, args.amp)
+    if args.auto_scale_lr:
+        enable_auto_scale_lr(cfg)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:

@@ -38,3 +38,27 @@ optim_wrapper = dict(
             'relative_position_bias_table': dict(decay_mult=0.),
             'cls_token': dict(decay_mult=0.),
         }))
+
+# Test-time augmentation (tools/test.py --tta), as mmdet 3.x's *_tta.py configs define it: three
+# scales x horizontal flip, boxes merged by DetTTAModel with NMS. DetTTAModel merges boxes only,
+# so tools/test.py --tta tests these Mask R-CNN models without the mask head (bbox mAP).
+tta_model = dict(
+    type='DetTTAModel',
+    tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+img_scales = [(1333, 800), (666, 400), (2000, 1200)]
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [dict(type='Resize', scale=s, keep_ratio=True) for s in img_scales],
+            [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+            [dict(type='LoadAnnotations', with_bbox=True)],
+            [dict(type='PackDetInputs',
+                  meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
+                             'flip', 'flip_direction'))],
+        ]),
+]
+
+# tools/train.py --auto-scale-lr: lr x (processes x batch_size) / base_batch_size (8 x 2 here).
+auto_scale_lr = dict(enable=False, base_batch_size=16)

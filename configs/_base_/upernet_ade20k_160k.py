@@ -49,3 +49,23 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=16
 train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
+
+# Test-time augmentation (tools/test.py --tta), as mmseg's ade20k.py and default_runtime.py
+# define it: six image scales x horizontal flip, logits averaged by SegTTAModel.
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_model = dict(type='SegTTAModel')
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [dict(type='Resize', scale_factor=r, keep_ratio=True) for r in img_ratios],
+            [dict(type='RandomFlip', prob=0., direction='horizontal'),
+             dict(type='RandomFlip', prob=1., direction='horizontal')],
+            [dict(type='LoadAnnotations')],
+            [dict(type='PackSegInputs')],
+        ]),
+]
+
+# tools/train.py --auto-scale-lr: lr x (processes x batch_size) / base_batch_size (8 x 2 here).
+auto_scale_lr = dict(enable=False, base_batch_size=16)

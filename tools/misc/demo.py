@@ -1,5 +1,6 @@
 """The main job on a machine without data: make a toy dataset, evaluate the untrained model,
-train on CPU, evaluate again, print both scores and write prediction overlays as PNG files.
+train on CPU, evaluate again, print both scores, write prediction overlays as PNG files and
+paint one validation image with tools/misc/image_demo.py and the trained checkpoint.
 
     python tools/misc/demo.py --task seg   # UperNet + BOAT-CSWin-T, ADE20K layout, mIoU
     python tools/misc/demo.py --task det   # Mask R-CNN + BOAT-Swin-T, COCO layout, bbox/segm mAP
@@ -20,10 +21,11 @@ import mmcv
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 from mmengine.utils import mkdir_or_exist
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from image_demo import main as image_demo  # noqa: E402
 from make_toy_dataset import make_det_toy, make_seg_toy, toy_overrides  # noqa: E402
 
 from mmvit_plugins.utils.runtime import prepare_config  # noqa: E402
@@ -152,6 +154,18 @@ def write_overlays(runner: Runner, task: str, out_dir: str) -> List[str]:
     return paths
 
 
+def paint_one_image(runner: Runner, work_dir: str) -> str:
+    """tools/misc/image_demo.py with the trained checkpoint on the first validation image."""
+    image = runner.test_dataloader.dataset.get_data_info(0)['img_path']
+    name = osp.splitext(osp.basename(image))[0]
+    argv = [image, osp.join(work_dir, 'toy_config.py'), find_latest_checkpoint(work_dir),
+            '--out-file', osp.join(work_dir, 'image_demo', f'{name}.png')]
+    print(f'[demo] python tools/misc/image_demo.py {" ".join(argv)}')
+    out_file = image_demo(argv)
+    print(f'[demo] the trained model on one validation image: {out_file}')
+    return out_file
+
+
 def main() -> int:
     args = parse_args()
     spec = TASKS[args.task]
@@ -193,6 +207,7 @@ def main() -> int:
         print(f'[demo]   {key:<14} untrained {untrained[key]:7.3f}   trained {trained[key]:7.3f}')
     print(f'[demo] {len(overlays)} overlay PNGs (ground truth | prediction): '
           f'{osp.dirname(overlays[0])}')
+    paint_one_image(runner, work_dir)
     key = spec['metrics'][0]
     gain = trained[key] - untrained[key]
     if gain < min_gain:

@@ -1,8 +1,12 @@
 """Convert a public Refiner-ViT checkpoint (github.com/zhoudaquan/Refiner_ViT) to a RefinerViT one.
 
-    python tools/model_converters/refiner2mmvit.py Refiner_ViT_S.pth.tar \
-        checkpoints/refiner-vit-s_mmvit.pth --arch small [--pretrain-img-size 224] \
+    python tools/model_converters/refiner2mmvit.py <downloaded file> \
+        checkpoints/refiner-vit-l_mmvit.pth --arch large [--pretrain-img-size 224] \
         [--with-cls-token] [--use-ema] [--trust-checkpoint]
+
+The only public checkpoint is Refiner-ViT-L at 448x448 (a Google Drive file the upstream README
+links without naming it; see docs/model_zoo.md); weights of the other sizes that you pretrain
+yourself convert the same way with ``--arch small`` / ``--arch medium``.
 
 The upstream file keeps its published name; the converted one is named as the configs expect it,
 ``checkpoints/refiner-vit-<size>_mmvit.pth``. The classifier heads and final norm are dropped, the

@@ -30,9 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Columns of the slot features after the raw (d) and the unit (d) features: a one, a padding
-# flag and the token of the slot.
-_META_COLUMNS = 3
 # Added to every centroid sum so that its norm is never zero (its square is a normal float32).
 _CENTROID_EPS = 1e-18
 
@@ -170,12 +167,12 @@ def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> tor
     return torch.arange(0, rows * shape.num_slots, 4 * shape.group_slots, device=device)
 
 
-def slot_features(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """(..., N, d) features -> (R, P, 2d + 3) slot features for :func:`cluster_slots`.
+def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(..., N, d) features -> the slot features of :func:`cluster_slots`, float32 (float64 for
+    float64 inputs): (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
+    features: unit features, 1, the padding flag and the slot's token (N for padding).
 
-    Columns: raw features, unit features, then 1, the padding flag and the slot's token
-    (padding: zero features, token N). The dtype is float32 (float64 for float64 inputs). This
-    is the only step whose work depends on N; its output has the static shape of
+    This is the only step whose work depends on N; its outputs have the static shapes of
     ``layout.shape``.
     """
     num_tokens, dim = x.shape[-2:]
@@ -183,18 +180,17 @@ def slot_features(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     num_slots = layout.shape.num_slots
-    feats = torch.zeros(*x.shape[:-2], num_slots, 2 * dim + _META_COLUMNS, dtype=dtype,
-                        device=x.device)
-    feats[..., layout.first_slot:layout.first_slot + num_tokens, :dim] = x
-    feats[..., 2 * dim:] = layout.slot_meta
-    raw = feats[..., :dim]
+    raw = torch.zeros(*x.shape[:-2], num_slots, dim, dtype=dtype, device=x.device)
+    raw[..., layout.first_slot:layout.first_slot + num_tokens, :] = x
+    scored = raw.new_empty(*raw.shape[:-1], dim + 3)
+    scored[..., dim:] = layout.slot_meta
     norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(1e-12)
-    torch.div(raw, norm, out=feats[..., dim:2 * dim])
-    return feats.view(-1, num_slots, feats.shape[-1])
+    torch.div(raw, norm, out=scored[..., :dim])
+    return raw.view(-1, num_slots, dim), scored.view(-1, num_slots, dim + 3)
 
 
-def cluster_slots(feats: torch.Tensor, child_slots: torch.Tensor, shape: ClusterShape,
-                  iters: int = 2, sharpness: float = 100.) -> torch.Tensor:
+def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Tensor,
+                  shape: ClusterShape, iters: int = 2, sharpness: float = 100.) -> torch.Tensor:
     """Balanced hierarchical 2-means of the slots of :func:`slot_features`; static shapes.
 
     Each split of a group: centroids start as the sums of its two halves (the two halves of its
@@ -208,47 +204,52 @@ def cluster_slots(feats: torch.Tensor, child_slots: torch.Tensor, shape: Cluster
     padding included (:func:`_score_tail`).
 
     Args:
-        feats: (R, P, 2d + 3) slot features; reused as a buffer.
+        raw, scored: (R, P, d) and (R, P, d + 3) slot features; reused as buffers.
         child_slots: (k, P) int32 of the :class:`GroupLayout`.
 
     Returns:
         (R, G, m) long: the token in every slot, real tokens at the front of their group, in
         key order; padding slots hold N.
     """
-    rows, num_slots, width = feats.shape
-    dim = (width - _META_COLUMNS) // 2
+    rows, num_slots, dim = raw.shape
     m = shape.group_slots
-    dtype, device = feats.dtype, feats.device
+    dtype, device = raw.dtype, raw.device
     eps, zero = _scalar(_CENTROID_EPS, dtype, device), _scalar(0., dtype, device)
     # the scaled unit centroids of every split of every level, with their score tails
-    centroids = feats.new_empty(rows * 2 * (shape.num_groups - 1), dim + 2)
+    centroids = raw.new_empty(rows * 2 * (shape.num_groups - 1), dim + 2)
     centroids.view(-1, 2, dim + 2)[..., dim:] = _score_tail(sharpness, dtype, device)
     offsets = _gather_offsets(rows, shape, device)
-    spare = torch.empty_like(feats)
+    # the next level's features go to spare buffers: fresh large allocations each level cost
+    # page faults on CPU
+    spare_raw, spare_scored = torch.empty_like(raw), torch.empty_like(scored)
     used = 0
     for level in range(shape.num_levels):
         groups = 1 << level
         n = num_slots // groups
-        slots = feats.view(rows * groups, n, width)
-        raw, scored = slots[..., :dim], slots[..., dim:-1]  # scored: unit | 1 | padding
+        group_raw = raw.view(rows * groups, n, dim)
+        group_scored = scored.view(rows * groups, n, dim + 3)
         unit = centroids[used:used + rows * groups * 2].view(rows * groups, 2, dim + 2)
         used += rows * groups * 2
-        sums = torch.baddbmm(eps, _halves(n, dtype, device).expand(rows * groups, -1, -1), raw)
+        halves = _halves(n, dtype, device).expand(rows * groups, -1, -1)
+        sums = torch.baddbmm(eps, halves, group_raw)
         for i in range(iters + 1):
             norm = torch.linalg.vector_norm(sums, dim=-1, keepdim=True)
             torch.addcdiv(zero, sums, norm, value=sharpness, out=unit[..., :dim])
-            scores = torch.bmm(unit, scored.transpose(1, 2))  # (R * g, 2, n)
+            # (R * g, 2, n) against unit | 1 | padding
+            scores = torch.bmm(unit, group_scored[..., :-1].transpose(1, 2))
             if i < iters:
-                sums = torch.baddbmm(eps, scores.softmax(dim=1), raw)
+                sums = torch.baddbmm(eps, scores.softmax(dim=1), group_raw)
         within = (scores[:, 0] / scores[:, 1]).argsort(dim=-1)
         within = within.view(rows, num_slots).index_select(1, child_slots[level])
         if level == shape.num_levels - 1:
-            token = slots[..., -1].gather(1, within.view(rows * groups, n))
+            token = group_scored[..., -1].gather(1, within.view(rows * groups, n))
             return token.long().view(rows, shape.num_groups, m)
-        # the groups of the next level are contiguous runs of slots: one row gather
-        index = within.view(rows * groups, n) + offsets[::n // (4 * m), None]
-        torch.index_select(feats.view(-1, width), 0, index.view(-1), out=spare.view(-1, width))
-        feats, spare = spare, feats
+        # the groups of the next level are contiguous runs of slots: row gathers
+        index = (within.view(rows * groups, n) + offsets[::n // (4 * m), None]).view(-1)
+        torch.index_select(raw.view(-1, dim), 0, index, out=spare_raw.view(-1, dim))
+        torch.index_select(scored.view(-1, dim + 3), 0, index,
+                           out=spare_scored.view(-1, dim + 3))
+        raw, spare_raw, scored, spare_scored = spare_raw, raw, spare_scored, scored
     raise AssertionError('unreachable: a layout has at least one level')
 
 
@@ -268,8 +269,8 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
         order (G groups of m slots, real tokens first); padding slots hold N.
     """
     with torch.autocast(x.device.type, enabled=False):
-        order = cluster_slots(slot_features(x, layout), layout.child_slots, layout.shape, iters,
-                              sharpness)
+        order = cluster_slots(*slot_features(x, layout), layout.child_slots, layout.shape,
+                              iters, sharpness)
     return order.view(order.shape[0], -1)
 
 

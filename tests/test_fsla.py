@@ -254,6 +254,7 @@ def test_previous_groups_reference_matches_spec():
             assert slots[:len(tokens)] == tokens and set(slots[len(tokens):]) <= {n}
 
 
+@pytest.mark.slow
 def test_clustering_equals_previous_for_every_token_count():
     """Static and tight layouts give the previous groups in float64 for every N in 50..5000."""
     torch.manual_seed(0)

@@ -15,9 +15,11 @@ Static shapes: the clustering works on ``P = G * m`` slots (m per final group), 
 every tensor it makes depend only on (rows, G, m, d); where the real tokens and the padding sit
 is data of fixed shape (:class:`GroupLayout`), so one compiled or captured graph of
 :func:`cluster_slots` serves every N with the same number of levels. Padding slots hold zero
-features: they add nothing to any centroid and sort behind the real tokens. The attention then
-runs on ``s = ceil(N / G)`` query slots per group, the real tokens of each group and fewer than
-G padding slots in all, which are masked out as keys and never read back as queries.
+features: they add nothing to any centroid and sort behind the real tokens. On CPU, where that
+padding (up to N slots) costs time and no graph is captured, the same code runs on
+``s = ceil(N / G)`` slots per group by default (``static_shapes``; the groups are the same). The
+attention runs on s query slots per group, the real tokens of each group and fewer than G
+padding slots in all, which are masked out as keys and never read back as queries.
 
 The clustering runs in float32 (float64 for float64 inputs) with autocast off, whatever the
 compute dtype: bf16 sort keys would take hundreds of distinct values for thousands of tokens.
@@ -35,10 +37,11 @@ _CENTROID_EPS = 1e-18
 
 
 class ClusterShape(NamedTuple):
-    """The static part of a layout: every shape of the clustering follows from (G, m)."""
+    """The static part of a layout: every shape of the clustering follows from (G, slots per
+    group), the group size m with static shapes (else ``ceil(N / G)``)."""
     num_groups: int   # G = 2**k
-    group_slots: int  # m slots per final group
-    num_slots: int    # P = G * m
+    group_slots: int  # slots per final group
+    num_slots: int    # P = G * group_slots
     num_levels: int   # k
 
 
@@ -146,13 +149,21 @@ def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> t
     return torch.tensor([[sharpness, big], [sharpness, 0.]], dtype=dtype, device=device)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
+def _half_pattern(half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, 2 * half): ones then zeros, and zeros then ones."""
+    pattern = torch.zeros(2, 2 * half, dtype=dtype, device=device)
+    pattern[0, :half] = 1
+    pattern[1, half:] = 1
+    return pattern
+
+
 def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(1, 2, n) indicators of the first and the second half of a group's n slots."""
-    halves = torch.zeros(1, 2, num_slots, dtype=dtype, device=device)
-    halves[0, 0, :num_slots // 2] = 1
-    halves[0, 1, num_slots // 2:] = 1
-    return halves
+    """(1, 2, n) indicators of the first and the second half of a group's n slots: a view of a
+    pattern cached for a power of two, so that few patterns serve all sizes."""
+    half = num_slots // 2
+    size = 1 << (half - 1).bit_length()
+    return _half_pattern(size, dtype, device)[None, :, size - half:size + half]
 
 
 @lru_cache(maxsize=16)

@@ -27,6 +27,33 @@ def test_bad_spec_and_size_are_named():
     assert bench.parse_size('800x1216') == (800, 1216)
 
 
+def test_modes_and_ratio_table():
+    args = argparse.Namespace(train=False, backward=False)
+    assert bench.measured_modes(args) == ['fwd']
+    assert bench.measured_modes(argparse.Namespace(train=False, backward=True)) == ['fwd+bwd']
+    assert bench.measured_modes(argparse.Namespace(train=True, backward=False)) == [
+        'fwd', 'fwd+bwd']
+    rows = [dict(model=m, input='224x224', batch=1, mode=mode, latency_ms=ms, ops=ops)
+            for m, mode, ms, ops in [('A', 'fwd', 20., 100), ('A', 'fwd+bwd', 60., 300),
+                                     ('B', 'fwd', 10., 80), ('B', 'fwd+bwd', 40., 200)]]
+    rows.append(dict(model='A', input='512x512', batch=1, mode='fwd', error='timeout'))
+    rows.append(dict(model='B', input='512x512', batch=1, mode='fwd', latency_ms=1., ops=1))
+    lines = bench.ratio_table(rows, 'B', ['fwd', 'fwd+bwd'])
+    assert lines[0] == 'ratios to B:'
+    assert lines[1] == ('| model | input | batch | fwd latency | fwd ops | fwd+bwd latency | '
+                        'fwd+bwd ops |')
+    assert lines[3:] == ['| A | 224x224 | 1 | 2.00 | 1.25 | 1.50 | 1.50 |',
+                         '| A | 512x512 | 1 | - | - | - | - |']
+
+
+def test_baseline_must_be_measured_and_modes_exclude_each_other():
+    for extra, message in ((['--baseline', 'mmdet.SwinTransformer'], 'must be one of --models'),
+                           (['--train', '--backward'], 'not allowed with')):
+        result = subprocess.run([sys.executable, str(SCRIPT), '--models', 'BOATSwin', *extra],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr
+
+
 def test_measures_a_row_per_model_and_size():
     arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
     result = subprocess.run(
@@ -40,3 +67,19 @@ def test_measures_a_row_per_model_and_size():
     assert cells[1:4] == ['64x96', '1', 'fwd+bwd']
     assert float(cells[5]) > 0  # latency in ms
     assert int(cells[7]) > 0  # aten operators per step
+
+
+def test_train_times_inference_and_a_training_step_with_ratios():
+    arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
+    spec = f'BOATSwin:{arch}'
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), '--models', spec, '--sizes', '64x96', '--repeats', '1',
+         '--warmup', '0', '--train', '--baseline', spec],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip('|').split('|')]
+            for line in result.stdout.splitlines() if line.startswith('| BOATSwin')]
+    assert [row[3] for row in rows] == ['fwd', 'fwd+bwd']
+    # a training step dispatches the forward's operators and their backward
+    assert int(rows[1][7]) > int(rows[0][7]) > 0
+    assert 'ratios to ' + spec + ':' in result.stdout

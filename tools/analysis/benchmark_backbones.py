@@ -2,7 +2,8 @@
 
     python tools/analysis/benchmark_backbones.py \
         --models BOATSwin:arch=tiny BOATCSWin:arch=tiny mmdet.SwinTransformer \
-        --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--backward] [--device cuda]
+        --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--train | --backward] \
+        [--baseline mmdet.SwinTransformer] [--device cuda]
 
 A model spec is ``Type[:key=value,key=value]``; ``Type`` is a registered mmvit_plugins backbone
 or ``mmdet.X`` / ``mmseg.X`` for a backbone of those codebases, values are Python literals
@@ -15,6 +16,12 @@ excluded). Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the wo
 ``ops`` counts the aten operators one warm step dispatches, views and bare allocations excluded
 (``mmvit_plugins.utils.op_count``): on a GPU about the number of kernel launches, which sets the
 latency where launching is slower than the kernels run.
+
+Modes: ``fwd`` is an inference forward (eval mode, no autograd); ``fwd+bwd`` a training step
+(train mode, forward and backward of the sum of the outputs' means). ``--train`` measures both,
+each in its own process; ``--backward`` only the training step. With ``--baseline SPEC`` (one of
+``--models``) a second table gives every model's latency and operators over the baseline's at the
+same size, batch and mode, the train-step ratio next to the inference one.
 """
 import argparse
 import ast
@@ -28,6 +35,7 @@ import time
 from typing import Dict, List, Tuple
 
 WORKER_FLAG = '--worker'
+FORWARD, TRAIN_STEP = 'fwd', 'fwd+bwd'
 # How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
 OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
 
@@ -87,6 +95,37 @@ def build_backbone(name: str, kwargs: Dict):
     return MODELS.build(dict(type=name, **kwargs))
 
 
+def measured_modes(args: argparse.Namespace) -> List[str]:
+    """The modes to run: ``fwd`` by default, ``fwd+bwd`` with --backward, both with --train."""
+    if args.train:
+        return [FORWARD, TRAIN_STEP]
+    return [TRAIN_STEP] if args.backward else [FORWARD]
+
+
+def ratio_table(rows: List[Dict], baseline: str, modes: List[str]) -> List[str]:
+    """Markdown lines: latency and operators of every other model over ``baseline`` (same
+    input, batch and mode); ``-`` where either run has no result."""
+    base = {(r['input'], r['batch'], r['mode']): r for r in rows if r['model'] == baseline}
+    head = ' | '.join(f'{mode} latency | {mode} ops' for mode in modes)
+    lines = [f'ratios to {baseline}:', f'| model | input | batch | {head} |',
+             '|---|---|---|' + '---|' * 2 * len(modes)]
+    keys = []
+    for r in rows:
+        if r['model'] != baseline and (r['model'], r['input'], r['batch']) not in keys:
+            keys.append((r['model'], r['input'], r['batch']))
+    for model, size, batch in keys:
+        cells = []
+        for mode in modes:
+            row = next((r for r in rows if (r['model'], r['input'], r['batch'], r['mode']) ==
+                        (model, size, batch, mode)), {})
+            ref = base.get((size, batch, mode), {})
+            for key, fmt in (('latency_ms', '{:.2f}'), ('ops', '{:.2f}')):
+                ok = key in row and key in ref
+                cells.append(fmt.format(row[key] / ref[key]) if ok else '-')
+        lines.append(f'| {model} | {size} | {batch} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -138,12 +177,42 @@ def run_worker(args: argparse.Namespace) -> Dict:
                 ops=sum(dispatched_ops(step).values()))
 
 
+def _run(args: argparse.Namespace, spec: str, size: Tuple[int, int], batch: int,
+         mode: str) -> Dict:
+    """One (model, size, batch, mode) in a worker process: its row, or the row with ``error``."""
+    h, w = size
+    cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec, '--sizes', f'{h}x{w}',
+           '--batch-sizes', str(batch), '--device', args.device, '--threads', str(args.threads),
+           '--warmup', str(args.warmup), '--repeats', str(args.repeats), '--max-mem-gb',
+           str(args.max_mem_gb)]
+    if mode == TRAIN_STEP:
+        cmd.append('--backward')
+    row = dict(model=spec, input=f'{h}x{w}', batch=batch, mode=mode)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode == 0:
+            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            err = proc.stderr.lower()
+            oom = any(m in err for m in OOM_MESSAGES) or proc.returncode in (-9, 137)
+            row['error'] = (f'OOM (> {args.max_mem_gb:g} GB)' if oom else
+                            proc.stderr.strip().splitlines()[-1][:120])
+    except subprocess.TimeoutExpired:
+        row['error'] = f'timeout (> {args.timeout:g} s)'
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', nargs='+', required=True, help='model specs (see above)')
     parser.add_argument('--sizes', nargs='+', type=parse_size, default=[(224, 224)])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
-    parser.add_argument('--backward', action='store_true', help='time forward + backward')
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument('--backward', action='store_true',
+                       help='time only a training step (forward + backward)')
+    modes.add_argument('--train', action='store_true',
+                       help='time inference and a training step (forward + backward)')
+    parser.add_argument('--baseline', help='model spec (one of --models) to divide by')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     parser.add_argument('--warmup', type=int, default=1)
@@ -161,9 +230,11 @@ def main() -> None:
         return
     for spec in args.models:
         parse_spec(spec)  # fail early on a malformed spec
+    if args.baseline is not None and args.baseline not in args.models:
+        parser.error(f'--baseline {args.baseline!r} must be one of --models: {args.models}')
+    modes = measured_modes(args)
 
     rows = []
-    mode = 'fwd+bwd' if args.backward else 'fwd'
     header = ('| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) | ops |\n'
               '|---|---|---|---|---|---|---|---|')
     print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
@@ -172,33 +243,18 @@ def main() -> None:
     for h, w in args.sizes:
         for batch in args.batch_sizes:
             for spec in args.models:
-                cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec, '--sizes',
-                       f'{h}x{w}', '--batch-sizes', str(batch), '--device', args.device,
-                       '--threads', str(args.threads), '--warmup', str(args.warmup),
-                       '--repeats', str(args.repeats), '--max-mem-gb', str(args.max_mem_gb)]
-                if args.backward:
-                    cmd.append('--backward')
-                row = dict(model=spec, input=f'{h}x{w}', batch=batch, mode=mode)
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True,
-                                          timeout=args.timeout)
-                    if proc.returncode == 0:
-                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                for mode in modes:
+                    row = _run(args, spec, (h, w), batch, mode)
+                    rows.append(row)
+                    if 'error' in row:
+                        print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - "
+                              '| - |', flush=True)
                     else:
-                        err = proc.stderr.lower()
-                        oom = any(m in err for m in OOM_MESSAGES) or proc.returncode in (-9, 137)
-                        row['error'] = (f'OOM (> {args.max_mem_gb:g} GB)' if oom else
-                                        proc.stderr.strip().splitlines()[-1][:120])
-                except subprocess.TimeoutExpired:
-                    row['error'] = f'timeout (> {args.timeout:g} s)'
-                rows.append(row)
-                if 'error' in row:
-                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - | - |",
-                          flush=True)
-                else:
-                    print(f"| {spec} | {h}x{w} | {batch} | {mode} | {row['params_m']:.2f} | "
-                          f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} | {row['ops']} |",
-                          flush=True)
+                        print(f"| {spec} | {h}x{w} | {batch} | {mode} | {row['params_m']:.2f} | "
+                              f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} | {row['ops']} |",
+                              flush=True)
+    if args.baseline is not None:
+        print('\n' + '\n'.join(ratio_table(rows, args.baseline, modes)))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=2)

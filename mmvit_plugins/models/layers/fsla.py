@@ -7,11 +7,22 @@ convolution over the values adds a positional term.
 Any token count N works: with ``k = ceil(log2(N / m))`` levels there are ``G = 2**k`` groups.
 The real tokens of a group split ``ceil/floor`` into its children, so the final groups hold
 ``floor(N / G)`` or ``ceil(N / G)`` real tokens each (never more than m, always more than
-``m / 2 - 1``). The sequence is padded to ``G * ceil(N / G)`` slots (fewer than G padding
-slots); padding sits behind the real tokens of its group, adds nothing to the centroids and is
-masked out of every softmax. Where ``N = m * 2**k`` there is no padding and the result is the
-one of the public code. With ``N <= m`` all tokens of an image form one group (plain
-attention). Everything is batched over images and heads; images never interact.
+``m / 2 - 1``). Where ``N = m * 2**k`` the result is the one of the public code. With
+``N <= m`` all tokens of an image form one group (plain attention). Everything is batched over
+images and heads; images never interact.
+
+Static shapes: the clustering works on ``P = G * m`` slots (m per final group), so the shapes of
+every tensor it makes depend only on (rows, G, m, d); where the real tokens and the padding sit
+is data of fixed shape (:class:`GroupLayout`), so one compiled or captured graph of
+:func:`cluster_slots` serves every N with the same number of levels. Padding slots hold zero
+features: they add nothing to any centroid and sort behind the real tokens. On CPU, where that
+padding (up to N slots) costs time and no graph is captured, the same code runs on
+``s = ceil(N / G)`` slots per group by default (``static_shapes``; the groups are the same). The
+attention runs on s query slots per group, the real tokens of each group and fewer than G
+padding slots in all, which are masked out as keys and never read back as queries.
+
+The clustering runs in float32 (float64 for float64 inputs) with autocast off, whatever the
+compute dtype: bf16 sort keys would take hundreds of distinct values for thousands of tokens.
 """
 import math
 from functools import lru_cache
@@ -21,141 +32,284 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Added to every centroid sum so that its norm is never zero (its square is a normal float32).
+_CENTROID_EPS = 1e-18
 
-class _Level(NamedTuple):
-    """One split of ``g`` groups of ``n`` slots into ``2g`` groups of ``n / 2`` slots."""
-    padding: Optional[torch.Tensor]      # (g, n) bool: slot holds padding; None if none does
-    halves: torch.Tensor                 # (g, 2, n): indicators of the two halves' real tokens
-    child_slots: Optional[torch.Tensor]  # (g, n): sorted position that fills each child slot;
-                                         # None where that is the identity (no padding)
+
+class ClusterShape(NamedTuple):
+    """The static part of a layout: every shape of the clustering follows from (G, slots per
+    group), the group size m with static shapes (else ``ceil(N / G)``)."""
+    num_groups: int   # G = 2**k
+    group_slots: int  # slots per final group
+    num_slots: int    # P = G * group_slots
+    num_levels: int   # k
 
 
 class GroupLayout(NamedTuple):
-    """Where real tokens and padding sit at every level; depends only on (N, m, overlap)."""
+    """Where N real tokens and the padding sit, for the clustering (fixed-shape data of a
+    :class:`ClusterShape`) and for the attention (``s = ceil(N / G)`` query slots per group)."""
+    shape: ClusterShape
+    num_tokens: int                       # N
+    first_slot: int                       # slots first_slot .. first_slot + N - 1 hold tokens
+    child_slots: torch.Tensor             # (k, P) int32: sorted position behind every slot
+    slot_meta: torch.Tensor               # (P, 3) float32: 1, padding flag, token (N = padding)
     num_groups: int                       # G
-    slot_size: int                        # s = ceil(N / G) <= m slots per final group
-    num_slots: int                        # P = G * s
-    levels: Tuple[_Level, ...]
-    key_slots: torch.Tensor               # (G * (s + o),) slot of each key of each group
+    slot_size: int                        # s = ceil(N / G) query slots per group
+    num_slots: int                        # G * s
+    key_slots: torch.Tensor               # (G * (s + o),) clustering slot of every key
     key_padding: Optional[torch.Tensor]   # (G, 1, s + o) bool, True = padding; or None
-    slot_in_output: torch.Tensor          # (P,) row of slot g * s + j in (s, G) order: j * G + g
+
+
+def _level_counts(num_tokens: int, num_levels: int) -> List[torch.Tensor]:
+    """Real tokens of every group at levels 0..k: each group splits ceil/floor, the first child
+    taking the larger half."""
+    counts = [torch.tensor([num_tokens])]
+    round_up = torch.tensor([1, 0])
+    for _ in range(num_levels):
+        counts.append(((counts[-1][:, None] + round_up) // 2).flatten())
+    return counts
+
+
+def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(P,) sorted position (within its row) behind every slot after one split.
+
+    ``shares`` (g, r): real tokens of the r equal regions that each group's slots are laid out
+    in, in sorted order (four: the halves of both children, which the next level's centroids
+    start from; two: both final groups). Each region holds its tokens at its front; padding
+    slots point at the group's last sorted position, which is padding whenever there is any.
+    """
+    groups, regions = shares.shape
+    n = num_slots // groups
+    first = torch.arange(0, num_slots, n)[:, None, None]  # the group's first slot
+    start = (shares.cumsum(1) - shares)[..., None] + first
+    pos = torch.arange(n // regions)
+    return torch.where(pos < shares[..., None], start + pos, first + (n - 1)).flatten()
 
 
 @lru_cache(maxsize=64)
 def group_layout(num_tokens: int, group_size: int, overlap: int,
-                 device: torch.device = torch.device('cpu')) -> GroupLayout:
+                 device: torch.device = torch.device('cpu'),
+                 static_shapes: bool = True) -> GroupLayout:
     """The deterministic layout of ``num_tokens > group_size`` tokens in balanced groups.
 
-    ``G = 2**ceil(log2(N / m))`` groups. A group never holds more than ``s = ceil(N / G)`` real
-    tokens, so ``s`` slots per final group suffice (``s == m`` when ``N == m * G``); fewer slots
-    change nothing but the amount of padding.
+    ``G = 2**ceil(log2(N / m))`` groups; a group never holds more than ``s = ceil(N / G)`` real
+    tokens, so ``s`` query slots per group suffice for the attention. The clustering works on
+    m slots per group (``static_shapes``: its shapes are those of every N with G groups) or on s
+    (less padding, less work; shapes that depend on N).
     """
+    if num_tokens <= group_size:
+        raise ValueError(f'num_tokens={num_tokens} is invalid; allowed values: ints > '
+                         f'group_size={group_size} (fewer tokens form one group)')
     num_levels = math.ceil(math.log2(num_tokens / group_size))
     num_groups = 1 << num_levels
     slot_size = -(-num_tokens // num_groups)
-    num_slots = slot_size * num_groups
-    counts = torch.tensor([num_tokens])
-    levels = []
-    for level in range(num_levels):
-        n = num_slots >> level
-        half = n // 2
-        pos = torch.arange(n)
-        first, second = (counts + 1) // 2, counts // 2
-        real = pos < counts[:, None]
-        in_first = pos < first[:, None]
-        halves = torch.stack([in_first, real & ~in_first], dim=1).float()
-        # Sorted order of a group: its real tokens by key, then its padding. Child 0 takes the
-        # first `first` real tokens, child 1 the rest; each fills up with padding slots.
-        j = torch.arange(half)
-        child0 = torch.where(j < first[:, None], j, counts[:, None] + j - first[:, None])
-        child1 = torch.where(j < second[:, None], first[:, None] + j,
-                             counts[:, None] + half - first[:, None] + j - second[:, None])
-        if bool((counts < n).any()):
-            padding, child_slots = ~real, torch.cat([child0, child1], dim=1)
-            levels.append(_Level(padding.to(device), halves.to(device), child_slots.to(device)))
-        else:
-            levels.append(_Level(None, halves.to(device), None))
-        counts = torch.stack([first, second], dim=1).flatten()
+    group_slots = group_size if static_shapes else slot_size
+    shape = ClusterShape(num_groups, group_slots, num_groups * group_slots, num_levels)
+    num_slots = shape.num_slots
 
+    counts = _level_counts(num_tokens, num_levels)
+    child_slots = torch.stack([
+        _child_slots(counts[min(level + 2, num_levels)].view(1 << level, -1), num_slots)
+        for level in range(num_levels)])
+    # level 0: token t in slot first_slot + t puts the first ceil(N / 2) tokens into the first
+    # half of the slots and the rest into the second, the halves its centroids start from
+    first_slot = num_slots // 2 - (num_tokens + 1) // 2
+    token = torch.arange(-first_slot, num_slots - first_slot)
+    padding = (token < 0) | (token >= num_tokens)
+    token = token.masked_fill(padding, num_tokens)
+    slot_meta = torch.stack([torch.ones(num_slots), padding, token], dim=1).float()
+
+    counts = counts[-1]
     overlap = min(overlap, slot_size)
     group = torch.arange(num_groups)[:, None]
     sibling = group ^ 1
     sibling_count = counts[sibling]
     # Group 2i takes the first `overlap` tokens of group 2i+1, group 2i+1 the last real ones of 2i.
-    start = torch.where(group % 2 == 0, torch.zeros_like(sibling_count),
-                        (sibling_count - overlap).clamp(min=0))
+    start = torch.where(group % 2 == 0, 0, (sibling_count - overlap).clamp(min=0))
     overlap_pos = start + torch.arange(overlap)
     own_pos = torch.arange(slot_size).expand(num_groups, -1)
-    key_slots = torch.cat([group * slot_size + own_pos, sibling * slot_size + overlap_pos], 1)
     key_padding = torch.cat([own_pos >= counts[:, None], overlap_pos >= sibling_count], 1)
-    slot = torch.arange(num_slots)
-    slot_in_output = slot % slot_size * num_groups + slot // slot_size
-    return GroupLayout(num_groups, slot_size, num_slots, tuple(levels),
+    key_slots = torch.cat([own_pos, overlap_pos + (sibling - group) * group_slots], 1)
+    # padding keys read the group's first token (always real), so that every key is a token;
+    # the mask removes them
+    key_slots = key_slots.masked_fill(key_padding, 0) + group * group_slots
+    return GroupLayout(shape, num_tokens, first_slot, child_slots.to(device, torch.int32),
+                       slot_meta.to(device), num_groups, slot_size, num_groups * slot_size,
                        key_slots.flatten().to(device),
-                       key_padding[:, None].to(device) if key_padding.any() else None,
-                       slot_in_output.to(device))
+                       key_padding[:, None].to(device) if key_padding.any() else None)
+
+
+@lru_cache(maxsize=16)
+def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, 2): what the two centroid rows of a split carry after their ``sharpness``-scaled
+    unit vector, against the slots' ``[1, padding]`` columns. Real tokens score
+    ``sharpness * (s_j + 1)``; padding scores ``(sharpness + big, sharpness)``, so that it takes
+    no weight and sorts behind the real tokens."""
+    big = torch.finfo(dtype).max / 16
+    return torch.tensor([[sharpness, big], [sharpness, 0.]], dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=16)
+def _half_pattern(half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, 2 * half): ones then zeros, and zeros then ones."""
+    pattern = torch.zeros(2, 2 * half, dtype=dtype, device=device)
+    pattern[0, :half] = 1
+    pattern[1, half:] = 1
+    return pattern
+
+
+def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 2, n) indicators of the first and the second half of a group's n slots: a view of a
+    pattern cached for a power of two, so that few patterns serve all sizes."""
+    half = num_slots // 2
+    size = 1 << (half - 1).bit_length()
+    return _half_pattern(size, dtype, device)[None, :, size - half:size + half]
+
+
+@lru_cache(maxsize=16)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=64)
+def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> torch.Tensor:
+    """Start of every group's slots in the flattened (rows * P) features, for the smallest
+    groups that are ever gathered (4m slots); coarser levels take every 2**i-th entry."""
+    return torch.arange(0, rows * shape.num_slots, 4 * shape.group_slots, device=device)
+
+
+def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(..., N, d) features -> the slot features of :func:`cluster_slots`, float32 (float64 for
+    float64 inputs): (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
+    features: unit features, 1, the padding flag and the slot's token (N for padding).
+
+    This is the only step whose work depends on N; its outputs have the static shapes of
+    ``layout.shape``.
+    """
+    num_tokens, dim = x.shape[-2:]
+    if num_tokens != layout.num_tokens:
+        raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    num_slots = layout.shape.num_slots
+    raw = torch.zeros(*x.shape[:-2], num_slots, dim, dtype=dtype, device=x.device)
+    raw[..., layout.first_slot:layout.first_slot + num_tokens, :] = x
+    scored = raw.new_empty(*raw.shape[:-1], dim + 3)
+    scored[..., dim:] = layout.slot_meta
+    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(1e-12)
+    torch.div(raw, norm, out=scored[..., :dim])
+    return raw.view(-1, num_slots, dim), scored.view(-1, num_slots, dim + 3)
+
+
+def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Tensor,
+                  shape: ClusterShape, iters: int = 2, sharpness: float = 100.) -> torch.Tensor:
+    """Balanced hierarchical 2-means of the slots of :func:`slot_features`; static shapes.
+
+    Each split of a group: centroids start as the sums of its two halves (the two halves of its
+    real tokens in the current order; padding adds zeros), then ``iters`` times: cosine scores,
+    soft assignment ``softmax(sharpness * scores)`` over the two centroids, centroids =
+    assignment-weighted sums of the raw tokens. Tokens are ordered by
+    ``(s0 + 1) / (s1 + 1)``; the first half of the real tokens (rounded up) goes to child 0, and
+    ``child_slots`` lays the children out in the halves the next level starts from.
+
+    One matmul scores the slots against both centroids, their ``sharpness`` and ``+1`` and the
+    padding included (:func:`_score_tail`).
+
+    Args:
+        raw, scored: (R, P, d) and (R, P, d + 3) slot features; reused as buffers.
+        child_slots: (k, P) int32 of the :class:`GroupLayout`.
+
+    Returns:
+        (R, G, m) long: the token in every slot, real tokens at the front of their group, in
+        key order; padding slots hold N.
+    """
+    rows, num_slots, dim = raw.shape
+    m = shape.group_slots
+    dtype, device = raw.dtype, raw.device
+    eps, zero = _scalar(_CENTROID_EPS, dtype, device), _scalar(0., dtype, device)
+    # the scaled unit centroids of every split of every level, with their score tails
+    centroids = raw.new_empty(rows * 2 * (shape.num_groups - 1), dim + 2)
+    centroids.view(-1, 2, dim + 2)[..., dim:] = _score_tail(sharpness, dtype, device)
+    offsets = _gather_offsets(rows, shape, device)
+    # the next level's features go to spare buffers: fresh large allocations each level cost
+    # page faults on CPU
+    spare_raw, spare_scored = torch.empty_like(raw), torch.empty_like(scored)
+    used = 0
+    for level in range(shape.num_levels):
+        groups = 1 << level
+        n = num_slots // groups
+        group_raw = raw.view(rows * groups, n, dim)
+        group_scored = scored.view(rows * groups, n, dim + 3)
+        unit = centroids[used:used + rows * groups * 2].view(rows * groups, 2, dim + 2)
+        used += rows * groups * 2
+        halves = _halves(n, dtype, device).expand(rows * groups, -1, -1)
+        sums = torch.baddbmm(eps, halves, group_raw)
+        for i in range(iters + 1):
+            norm = torch.linalg.vector_norm(sums, dim=-1, keepdim=True)
+            torch.addcdiv(zero, sums, norm, value=sharpness, out=unit[..., :dim])
+            # (R * g, 2, n) against unit | 1 | padding
+            scores = torch.bmm(unit, group_scored[..., :-1].transpose(1, 2))
+            if i < iters:
+                sums = torch.baddbmm(eps, scores.softmax(dim=1), group_raw)
+        within = (scores[:, 0] / scores[:, 1]).argsort(dim=-1)
+        within = within.view(rows, num_slots).index_select(1, child_slots[level])
+        if level == shape.num_levels - 1:
+            token = group_scored[..., -1].gather(1, within.view(rows * groups, n))
+            return token.long().view(rows, shape.num_groups, m)
+        # the groups of the next level are contiguous runs of slots: row gathers
+        index = (within.view(rows * groups, n) + offsets[::n // (4 * m), None]).view(-1)
+        torch.index_select(raw.view(-1, dim), 0, index, out=spare_raw.view(-1, dim))
+        torch.index_select(scored.view(-1, dim + 3), 0, index,
+                           out=spare_scored.view(-1, dim + 3))
+        raw, spare_raw, scored, spare_scored = spare_raw, raw, spare_scored, scored
+    raise AssertionError('unreachable: a layout has at least one level')
 
 
 @torch.no_grad()
 def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
                         sharpness: float = 100.) -> torch.Tensor:
-    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``.
-
-    Each split: centroids start as the sums of the first and second half of the group's real
-    tokens, then ``iters`` times: cosine scores, soft assignment
-    ``softmax(sharpness * scores)`` over the two centroids, centroids = assignment-weighted sums
-    of the raw tokens; centroids are L2-normalised. Tokens are ordered by
-    ``(s0 + 1) / (s1 + 1)`` and the first half (rounded up) goes to child 0.
-
-    Padding slots hold zero vectors, so they add nothing to any centroid, and their keys are
-    +inf, so they sort behind the real tokens.
+    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``, in float32
+    (float64 for float64 inputs) whatever the autocast state.
 
     Args:
-        x: (..., N, d) features (one matrix per image and head; any strides).
+        x: (..., N, d) features (one matrix per image and head; any strides and dtype).
         layout: :func:`group_layout` of (N, m, overlap).
         iters: refinement iterations per split; sharpness: soft-assignment inverse temperature.
 
     Returns:
-        (R, P) long, R = the product of the leading dims: token index of every slot in group
-        order (G groups of ``layout.slot_size`` slots); indices ``>= N`` are padding.
+        (R, G * m) long, R = the product of the leading dims: the token of every slot in group
+        order (G groups of m slots, real tokens first); padding slots hold N.
     """
-    num_tokens, dim = x.shape[-2:]
-    feats = x.new_empty(*x.shape[:-2], layout.num_slots, dim)
-    feats[..., :num_tokens, :] = x
-    feats[..., num_tokens:, :] = 0
-    feats = feats.view(-1, 1, layout.num_slots, dim)
-    rows = feats.shape[0]
-    inv_norm = feats.norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_().transpose(-1, -2)
-    order = spare = None
-    for level in layout.levels:
-        groups, _, n = level.halves.shape
-        tokens = feats.transpose(-1, -2)
-        sums = level.halves.to(x.dtype) @ feats                                  # (R, g, 2, d)
-        sharp_inv_norm = inv_norm * sharpness
-        for _ in range(iters):
-            scores = (F.normalize(sums, dim=-1) @ tokens) * sharp_inv_norm       # (R, g, 2, n)
-            sums = scores.softmax(dim=-2) @ feats
-        scores = ((F.normalize(sums, dim=-1) @ tokens) * inv_norm).add_(1)
-        key = scores[..., 0, :] / scores[..., 1, :]
-        if level.padding is not None:
-            key.masked_fill_(level.padding, float('inf'))
-        within = key.argsort(dim=-1)
-        if level.child_slots is not None:
-            within = within.gather(-1, level.child_slots.expand(rows, -1, -1))
-        order = within if order is None else order.gather(-1, within)
-        order = order.view(rows, 2 * groups, n // 2)
-        if 2 * groups == layout.num_groups:
-            break
-        # children are permutations inside their parent's span: gathering from the previous
-        # level's features keeps the reads local (cache-friendly), unlike reads in token order
-        index = (within + torch.arange(0, rows * groups * n, n, device=x.device).view(
-            rows, groups, 1)).view(-1)
-        # two buffers take turns: fresh large allocations each level cost page faults on CPU
-        spare = torch.empty_like(feats) if spare is None else spare
-        torch.index_select(feats.view(-1, dim), 0, index, out=spare.view(-1, dim))
-        feats, spare = spare.view(rows, 2 * groups, n // 2, dim), feats
-        inv_norm = inv_norm.reshape(-1).index_select(0, index).view(rows, 2 * groups, 1, n // 2)
-    return order.reshape(rows, -1)
+    with torch.autocast(x.device.type, enabled=False):
+        order = cluster_slots(*slot_features(x, layout), layout.child_slots, layout.shape,
+                              iters, sharpness)
+    return order.view(order.shape[0], -1)
+
+
+@lru_cache(maxsize=64)
+def _attention_mask(num_tokens: int, group_size: int, overlap: int, device: torch.device,
+                    dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """(G, 1, s + o) additive key mask in the compute dtype, or None: a finite minimum, so that
+    no fp16/bf16 arithmetic on it makes a NaN (every group has real keys)."""
+    # the attention side of a layout is the same with static shapes or without
+    padding = group_layout(num_tokens, group_size, overlap, device, False).key_padding
+    if padding is None:
+        return None
+    mask = torch.zeros(padding.shape, dtype=dtype, device=padding.device)
+    return mask.masked_fill_(padding, torch.finfo(dtype).min)
+
+
+@lru_cache(maxsize=64)
+def _row_offsets(batch: int, heads: int, num_tokens: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (image, head) row r: (R, 1, 3) rows of its q, k and v of token 0 in the (B * N * 3 *
+    heads, d) projection, and (R, 1, 1) its row for token 0 in a (B, N + 1, heads, d) output
+    whose token N takes what padding slots compute."""
+    row = torch.arange(batch * heads)
+    image, head = row // heads, row % heads
+    qkv = image * (num_tokens * 3 * heads) + head
+    qkv = qkv[:, None, None] + torch.arange(3)[None, None] * heads
+    out = (image * ((num_tokens + 1) * heads) + head)[:, None, None]
+    return qkv.to(device), out.to(device)
 
 
 class FeatureSpaceLocalAttention(nn.Module):
@@ -170,11 +324,14 @@ class FeatureSpaceLocalAttention(nn.Module):
         overlap: keys each group borrows from its sibling group (BOAT: 20); at most m.
         qk_scale: attention scale; ``None`` is head_dim ** -0.5. The public BOAT-CSWin
             checkpoints were trained with 1.0.
+        static_shapes: cluster on m slots per group (shapes that depend only on the number of
+            groups, for compiled or captured graphs) or on ``ceil(N / G)`` (less padding, less
+            work). Same result; ``None``: static everywhere but on CPU.
     """
 
     def __init__(self, dim: int, num_heads: int, group_size: int = 49, overlap: int = 20,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 proj_drop: float = 0.):
+                 proj_drop: float = 0., static_shapes: Optional[bool] = None):
         super().__init__()
         if group_size < 2:
             raise ValueError(f'group_size={group_size} is invalid; allowed values: ints >= 2')
@@ -184,6 +341,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         self.num_heads = num_heads
         self.group_size = group_size
         self.overlap = overlap
+        self.static_shapes = static_shapes
         self.scale = (dim // num_heads) ** -0.5 if qk_scale is None else qk_scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
@@ -192,66 +350,52 @@ class FeatureSpaceLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self._head_major_qkv(x)  # (B, N, heads, 3, d)
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, -1)
         if n <= self.group_size:
-            q, k, v = qkv.permute(3, 0, 2, 1, 4)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             out = out.transpose(1, 2).reshape(b, n, c)
         else:
             out = self._grouped_attention(qkv)
-        # the values in channels-last layout: copying them there is a plain strided copy, the
-        # convolution keeps the layout, and its output is already (B, N, C) in memory
-        v_map = qkv[..., 2, :].reshape(b, *hw_shape, c).permute(0, 3, 1, 2)
+        # the values in channels-last layout, where the convolution's output is (B, N, C) memory
+        v_map = qkv[:, :, 2].reshape(b, *hw_shape, c).permute(0, 3, 1, 2)
+        v_map = v_map.contiguous(memory_format=torch.channels_last)
         out = out + self.lepe(v_map).permute(0, 2, 3, 1).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
-    def _head_major_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, heads, 3, d): the ``qkv`` projection with the q, k and v of a
-        head side by side, so that one row gather fetches all three."""
-        heads, c = self.num_heads, x.shape[-1]
-        weight = self.qkv.weight.view(3, heads, -1, c).transpose(0, 1).reshape(-1, c)
-        bias = self.qkv.bias
-        if bias is not None:
-            bias = bias.view(3, heads, -1).transpose(0, 1).reshape(-1)
-        return F.linear(x, weight, bias).view(*x.shape[:2], heads, 3, -1)
-
     def _grouped_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(B, N, heads, 3, d) projections -> (B, N, C) attention inside the balanced groups.
+        """(B, N, 3, heads, d) projections -> (B, N, C) attention inside the balanced groups.
 
-        q, k and v of every key slot are gathered in one go from the projection's rows (one row
-        per token and head); padding slots point at a real token: as keys they are masked, as
-        queries their outputs are never read back.
+        q, k and v of every key slot are gathered in one go from the projection's rows; padding
+        key slots read a real token and are masked; padding query slots write to a token N that
+        is dropped.
         """
-        b, n, heads, _, d = qkv.shape
+        b, n, _, heads, d = qkv.shape
         rows = b * heads
-        layout = group_layout(n, self.group_size, self.overlap, qkv.device)
+        static = qkv.device.type != 'cpu' if self.static_shapes is None else self.static_shapes
+        layout = group_layout(n, self.group_size, self.overlap, qkv.device, static)
         groups, slot_size = layout.num_groups, layout.slot_size
-        queries = qkv[..., 0, :].detach().transpose(1, 2)
-        order = balanced_clustering(queries, layout)  # (rows, P): the token in each slot
+        order = balanced_clustering(qkv[:, :, 0].transpose(1, 2), layout)  # (rows, G * m)
 
-        row = torch.arange(rows, device=qkv.device)[:, None]
-        first_row = row // heads * (n * heads) + row % heads  # qkv row of token 0, per row
-        key_token = order.clamp(max=n - 1)[:, layout.key_slots]
-        qkv_g = qkv.reshape(-1, 3 * d).index_select(0, (key_token * heads + first_row).view(-1))
-        qkv_g = qkv_g.view(rows, groups, -1, 3, d)  # keys: own slots first, then the overlap
+        qkv_rows, out_rows = _row_offsets(b, heads, n, qkv.device)
+        key_token = order.index_select(1, layout.key_slots)
+        index = torch.add(qkv_rows, key_token[..., None], alpha=3 * heads)
+        qkv_g = qkv.view(-1, d).index_select(0, index.view(-1)).view(rows, groups, -1, 3, d)
         q_g, k_g, v_g = qkv_g[:, :, :slot_size, 0], qkv_g[..., 1, :], qkv_g[..., 2, :]
-        mask = None
-        if layout.key_padding is not None:
-            # every group has real keys, so no softmax row is fully masked; a mask expanded to
-            # the full (rows, G, s, s + o) shape lets SDPA take its fused CPU kernel
-            mask = torch.zeros(layout.key_padding.shape, dtype=qkv.dtype, device=qkv.device)
-            mask = mask.masked_fill_(layout.key_padding, float('-inf')).expand(
-                rows, -1, slot_size, -1)
+        mask = _attention_mask(n, self.group_size, self.overlap, qkv.device, qkv.dtype)
+        if mask is not None:
+            # an expanded mask of the full (rows, G, s, s + o) shape takes SDPA's fused kernel
+            mask = mask.expand(rows, -1, slot_size, -1)
         out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
-        # fused SDPA kernels write (rows, s, G, d) memory; reading it in that order is a view
-        out = out.transpose(1, 2).reshape(-1, d)
 
-        # the output row of every real token (padding slots all land in the dropped column n)
-        out_row = torch.empty(rows, n + 1, dtype=torch.long, device=qkv.device)
-        out_row.scatter_(1, order.clamp(max=n), layout.slot_in_output.expand(rows, -1))
-        out_row = (out_row[:, :n] + row * layout.num_slots).view(b, heads, n).transpose(1, 2)
-        return out.index_select(0, out_row.flatten()).view(b, n, heads * d)
+        # fused SDPA kernels write (rows, s, G, d) memory: copy its rows to their tokens
+        query_token = order.view(rows, groups, -1)[:, :, :slot_size].transpose(1, 2)
+        out_row = torch.add(out_rows, query_token, alpha=heads,
+                            out=order.new_empty(rows, slot_size, groups))
+        out_full = out.new_empty(b * (n + 1) * heads, d)
+        out_full.index_copy_(0, out_row.view(-1), out.transpose(1, 2).reshape(-1, d))
+        return out_full.view(b, n + 1, heads * d)[:, :n]
 
 
-__all__: List[str] = ['FeatureSpaceLocalAttention', 'balanced_clustering', 'group_layout',
-                      'GroupLayout']
+__all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
+                      'balanced_clustering', 'cluster_slots', 'group_layout', 'slot_features']

@@ -22,7 +22,7 @@ from ..layers import (
     WindowMSA,
     attend_in_windows,
     pad_to_multiple,
-    window_attention_mask,
+    window_padding_mask,
     window_partition,
     window_reverse,
 )
@@ -264,8 +264,8 @@ class CrossShapedWindowAttention(nn.Module):
     The channels (and heads) split evenly over the branches; each branch attends inside its own
     windows, given as (height, width) with ``None`` meaning the whole map extent: CSWin's
     vertical ``(None, s)`` and horizontal ``(s, None)`` stripes, or a single ``(None, None)``
-    (global) or ``(s, s)`` branch. Maps are zero-padded to whole windows and real and padded
-    tokens never attend to each other, so real tokens get the attention on the cropped windows.
+    (global) or ``(s, s)`` branch. Maps are zero-padded to whole windows and padded keys are
+    masked out, so real tokens get the attention on the cropped windows.
     Keys: ``qkv``, ``lepe.{branch}`` (depthwise 3x3 convs), ``proj``.
     """
 
@@ -308,10 +308,12 @@ class CrossShapedWindowAttention(nn.Module):
         # out as (windows, length, heads, head_dim), like SDPA's output
         pos = lepe(window_partition(v, win).view(-1, *win, c).permute(0, 3, 1, 2))
         pos = pos.permute(0, 2, 3, 1).reshape(-1, length, heads, c // heads).transpose(1, 2)
-        mask = window_attention_mask((h, w), win, device=q.device)
-        if mask is not None:
-            mask = mask.to(q.dtype)[None, :, None].expand(b, -1, -1, -1, -1).reshape(
-                -1, 1, length, length)
+        # every window holds real tokens, so masking the padded keys leaves no softmax row empty
+        padding = window_padding_mask((h, w), win, q.device)
+        mask = None
+        if padding is not None:
+            mask = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                padding, float('-inf')).repeat(b, 1).view(-1, 1, 1, length)
         out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v),
                                              attn_mask=mask) + pos
         out = window_reverse(out.transpose(1, 2).reshape(-1, length, c), win, hp, wp)

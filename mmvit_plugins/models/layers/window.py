@@ -1,5 +1,6 @@
-"""Windows of (B, H, W, C) maps: padding to whole windows, partitioning, and the one attention
-mask that hides padding (and, for shifted windows, other regions) from real tokens."""
+"""Windows of (B, H, W, C) maps: padding to whole windows, partitioning, the padded-token mask,
+and the attention mask that hides padding (and, for shifted windows, other regions) from real
+tokens."""
 from typing import Optional, Tuple, Union
 
 import torch

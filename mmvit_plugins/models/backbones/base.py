@@ -75,7 +75,7 @@ def check_probability(name: str, value: Any) -> float:
 def check_block_options(mlp_ratio: float, drop_rate: float, drop_path_rate: float,
                         attn_drop_rate: float = 0.) -> None:
     """The transformer-block options every backbone takes."""
-    check_number('mlp_ratio', mlp_ratio, 0., math.inf, include_low=False)
+    check_number('mlp_ratio', mlp_ratio, 0., math.inf, include_low=False, include_high=False)
     check_probability('drop_rate', drop_rate)
     check_probability('attn_drop_rate', attn_drop_rate)
     check_probability('drop_path_rate', drop_path_rate)

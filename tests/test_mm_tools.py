@@ -52,7 +52,6 @@ def write_toy_config(task: str, data_root: str, path: Path) -> Path:
     else:
         cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1)  # 2 images: 1 iteration
         cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
-        toy._scale_pipeline(cfg.tta_pipeline, SIZE / 800)  # as toy_overrides scales the others
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.train_dataloader.batch_size = BATCH
     cfg.param_scheduler = []  # the logged lr is the optimizer's own

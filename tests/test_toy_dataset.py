@@ -110,6 +110,8 @@ def test_toy_overrides_det_config_loads_data(tmp_path):
     assert train_set.metainfo['classes'] == toy.TOY_DET_CLASSES
     assert len(item['data_samples'].gt_instances) > 0
     assert max(item['inputs'].shape[1:]) <= 80 * 1333 // 800 + 1
+    resizes = cfg.tta_pipeline[1]['transforms'][0]
+    assert [r['scale'] for r in resizes] == [(133, 80), (67, 40), (200, 120)]
 
 
 def test_toy_overrides_scale_nested_multiscale_pipeline(tmp_path):

@@ -253,13 +253,16 @@ def toy_overrides(cfg, task: str, data_root: str, size: int, crop_size: int = 0)
             loader.dataset.data_prefix = dict(img=f'{ann_split}/')
             loader.dataset.metainfo = dict(classes=TOY_DET_CLASSES)
             _scale_pipeline(loader.dataset.pipeline, factor)
+        if cfg.get('tta_pipeline'):
+            _scale_pipeline(cfg.tta_pipeline, factor)
         for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
             evaluator.ann_file = osp.join(data_root, 'annotations', 'instances_val.json')
         roi_head = cfg.model.roi_head
         roi_head.bbox_head.num_classes = len(TOY_DET_CLASSES)
         roi_head.mask_head.num_classes = len(TOY_DET_CLASSES)
         changes.append(f'classes={TOY_DET_CLASSES} (num_classes={len(TOY_DET_CLASSES)}); '
-                       f'resize scales x{factor:g} (toy images are {size}x{size})')
+                       f'resize scales x{factor:g}, test-time augmentation included '
+                       f'(toy images are {size}x{size})')
     changes.append('dataloader num_workers=0')
     return changes
 

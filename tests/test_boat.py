@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin
+from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, boat
 from mmvit_plugins.models.backbones.boat import CrossShapedWindowAttention, _rename
 from mmvit_plugins.models.layers import group_layout
 from mmvit_plugins.utils.op_count import HOST_SYNC_OPS, dispatched_ops
@@ -85,10 +85,26 @@ def test_cross_shaped_padding_equals_cropped_windows():
     torch.manual_seed(0)
     attn = CrossShapedWindowAttention(8, 2, [(None, 3)]).double()
     x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
-    out = attn(x)
+    out = attn(x, attn.key_masks(x))
     # the last stripe (column 6) alone, as a 5x1 map through the same module
     attn.windows = ((None, None), )
-    torch.testing.assert_close(out[:, :, 6:], attn(x[:, :, 6:]), atol=1e-12, rtol=0)
+    last = x[:, :, 6:]
+    torch.testing.assert_close(out[:, :, 6:], attn(last, attn.key_masks(last)), atol=1e-12,
+                               rtol=0)
+
+
+def test_cross_shaped_masks_are_built_once_per_stage(monkeypatch):
+    """Padded stripes in every stage (a 100x124 input): one mask per branch and stage, however
+    many blocks the stage has (2 + 2 + 2 + 1 branches)."""
+    calls = []
+    build = boat.window_padding_mask
+    monkeypatch.setattr(boat, 'window_padding_mask', lambda *a: calls.append(a) or build(*a))
+    arch = dict(embed_dims=8, depths=[2, 2, 3, 2], num_heads=[2, 2, 2, 2],
+                split_sizes=[3, 3, 7, 7])
+    model = BOATCSWin(arch=arch).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 100, 124))
+    assert len(calls) == 7
 
 
 def test_cswin_heads_must_split_over_the_stripe_branches():

@@ -35,6 +35,7 @@ from .base import (
     check_int,
     check_number,
     check_pyramid_arch,
+    output_dtype,
     resolve_arch,
     stage_rates,
 )
@@ -258,6 +259,12 @@ class BOATSwin(_BOATBackbone):
 # --------------------------------------------------------------------------------------------
 # BOAT-CSWin
 # --------------------------------------------------------------------------------------------
+def _window_extent(window: Tuple[Optional[int], Optional[int]], h: int,
+                   w: int) -> Tuple[int, int]:
+    """A cross-shaped branch's window on an (h, w) map: ``None`` is the whole extent."""
+    return window[0] or h, window[1] or w
+
+
 class CrossShapedWindowAttention(nn.Module):
     """CSWin attention with LePE on (B, H, W, C) maps.
 
@@ -265,7 +272,7 @@ class CrossShapedWindowAttention(nn.Module):
     windows, given as (height, width) with ``None`` meaning the whole map extent: CSWin's
     vertical ``(None, s)`` and horizontal ``(s, None)`` stripes, or a single ``(None, None)``
     (global) or ``(s, s)`` branch. Maps are zero-padded to whole windows and padded keys are
-    masked out, so real tokens get the attention on the cropped windows.
+    masked out (:meth:`key_masks`), so real tokens get the attention on the cropped windows.
     Keys: ``qkv``, ``lepe.{branch}`` (depthwise 3x3 convs), ``proj``.
     """
 
@@ -283,20 +290,41 @@ class CrossShapedWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def key_masks(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        """Per branch, for (B, H, W, C) maps like x: the additive (B * windows, 1, 1, L) mask
+        of the padded keys in the dtype attention runs in, or None where nothing is padded.
+
+        Every window holds real tokens, so no softmax row is left empty. The masks depend only
+        on the map's shape: a stage builds them once for all its blocks.
+        """
+        b, h, w = x.shape[:3]
+        masks: List[Optional[torch.Tensor]] = []
+        for window in self.windows:
+            padding = window_padding_mask((h, w), _window_extent(window, h, w), x.device)
+            mask = None
+            if padding is not None:
+                mask = torch.zeros(padding.shape, dtype=output_dtype(x), device=x.device)
+                mask = mask.masked_fill_(padding, float('-inf')).repeat(b, 1)[:, None, None]
+            masks.append(mask)
+        return tuple(masks)
+
+    def forward(self, x: torch.Tensor,
+                key_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """(B, H, W, C) maps and their :meth:`key_masks` -> (B, H, W, C)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         splits = [t.chunk(len(self.windows), dim=-1) for t in (q, k, v)]
         out = torch.cat([
-            self._branch(*qkv, window, lepe)
-            for qkv, window, lepe in zip(zip(*splits), self.windows, self.lepe)
+            self._branch(*qkv, window, lepe, mask)
+            for qkv, window, lepe, mask in zip(zip(*splits), self.windows, self.lepe, key_masks)
         ], dim=-1)
         return self.proj_drop(self.proj(out))
 
     def _branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                window: Tuple[Optional[int], Optional[int]], lepe: nn.Conv2d) -> torch.Tensor:
+                window: Tuple[Optional[int], Optional[int]], lepe: nn.Conv2d,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, c) each -> (B, H, W, c): attention + LePE inside the branch's windows."""
         b, h, w, c = q.shape
-        win = (window[0] or h, window[1] or w)
+        win = _window_extent(window, h, w)
         q, k, v = (pad_to_multiple(t, win) for t in (q, k, v))
         hp, wp = q.shape[1:3]
         length, heads = win[0] * win[1], self.branch_heads
@@ -308,12 +336,6 @@ class CrossShapedWindowAttention(nn.Module):
         # out as (windows, length, heads, head_dim), like SDPA's output
         pos = lepe(window_partition(v, win).view(-1, *win, c).permute(0, 3, 1, 2))
         pos = pos.permute(0, 2, 3, 1).reshape(-1, length, heads, c // heads).transpose(1, 2)
-        # every window holds real tokens, so masking the padded keys leaves no softmax row empty
-        padding = window_padding_mask((h, w), win, q.device)
-        mask = None
-        if padding is not None:
-            mask = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                padding, float('-inf')).repeat(b, 1).view(-1, 1, 1, length)
         out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v),
                                              attn_mask=mask) + pos
         out = window_reverse(out.transpose(1, 2).reshape(-1, length, c), win, hp, wp)
@@ -367,11 +389,21 @@ class BOATCSWinBlock(_FSLAMixin, nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor,
+                key_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """(B, H, W, C) maps and the attention's ``key_masks`` of them -> (B, H, W, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), key_masks))
         if self.fsla is not None:
             x = x + self.drop_path(self._fsla_branch(x))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossShapedStage(Stage):
+    """A BOAT-CSWin stage: its blocks share their branch windows, so the padded-key masks of
+    the map are built once per stage."""
+
+    def block_args(self, x: torch.Tensor) -> List[Tuple[Tuple[Optional[torch.Tensor], ...]]]:
+        return [(self.blocks[0].attn.key_masks(x), )] * len(self.blocks)
 
 
 @MODELS.register_module()
@@ -449,6 +481,6 @@ class BOATCSWin(_BOATBackbone):
                 for j in range(depth)
             ]
             downsample = ConvMerge(widths[i], widths[i + 1]) if i < 3 else None
-            self.stages.append(Stage(blocks, downsample, with_cp=with_cp))
+            self.stages.append(CrossShapedStage(blocks, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
         self._finish_init()

@@ -144,10 +144,10 @@ fi
 "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
 
 # --- the rest of the stack, never allowed to move torch ------------------------------------------
-say "installing mmengine, mmdet, mmseg, timm and test tools"
+say "installing mmengine, mmdet, mmseg, timm, mmdeploy with onnxruntime, and test tools"
 constraints=$(mktemp)
 cat "$req/torch.txt" "$req/mmcv.txt" >"$constraints"
-"${pip[@]}" install -q -c "$constraints" -r "$req/runtime.txt" -r "$req/tests.txt"
+"${pip[@]}" install -q -c "$constraints" -r "$req/runtime.txt" -r "$req/tests.txt" -r "$req/deploy.txt"
 "${pip[@]}" install -q -c "$constraints" --no-deps -e "$repo"
 rm -f "$constraints"
 

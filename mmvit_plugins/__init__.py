@@ -5,6 +5,9 @@ mmengine's root registries, so mmdet's and mmseg's ``MODELS.build`` find them by
 """
 from . import engine, models, optim  # noqa: F401  (registration happens at import)
 from .models import timm_models  # noqa: F401  (registers the timm models)
+from .utils.onnx_symbolics import register_onnx_symbolics
 from .version import __version__
+
+register_onnx_symbolics()
 
 __all__ = ['__version__']

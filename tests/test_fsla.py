@@ -323,9 +323,10 @@ def test_clustering_shapes_depend_only_on_the_number_of_groups():
     assert layouts[0].shape == (32, 49, 32 * 49, 5)
 
 
-def test_clustering_dispatches_20_operators_per_level():
-    """The operator count of the clustering: 7 per call, 20 per level, one fewer at the last
-    (it was 5 per call and 30 per level)."""
+def test_clustering_dispatches_21_operators_per_level():
+    """The operator count of the clustering: 7 per call, 21 per level, one fewer at the last
+    (it was 5 per call and 30 per level; 20 before it was written without ``out=`` buffers,
+    which dynamo and the ONNX exporter cannot capture)."""
     counts = {}
     for num_tokens in (98, 196, 392, 784, 1568):
         layout = group_layout(num_tokens, 49, 20)
@@ -335,7 +336,7 @@ def test_clustering_dispatches_20_operators_per_level():
 
         run()
         counts[layout.shape.num_levels] = sum(dispatched_ops(run).values())
-    assert counts == {k: 6 + 20 * k for k in range(1, 6)}
+    assert counts == {k: 6 + 21 * k for k in range(1, 6)}
 
 
 def test_fsla_forward_dispatches_11_operators_besides_the_clustering():
@@ -344,7 +345,7 @@ def test_fsla_forward_dispatches_11_operators_besides_the_clustering():
     with torch.no_grad():
         module(x, (14, 28))
         ops = dispatched_ops(lambda: module(x, (14, 28)))
-    assert sum(ops.values()) == 11 + 6 + 20 * 3
+    assert sum(ops.values()) == 11 + 6 + 21 * 3
     assert ops['aten::_scaled_dot_product_flash_attention_for_cpu'] == 1
 
 

@@ -21,11 +21,14 @@ from ..layers import (
     FeatureSpaceLocalAttention,
     WindowMSA,
     attend_in_windows,
+    ceil_div,
+    pad_to,
     pad_to_multiple,
     window_padding_mask,
     window_partition,
     window_reverse,
 )
+from ..layers.fsla import num_levels
 from .base import (
     PyramidBackbone,
     Stage,
@@ -167,6 +170,18 @@ class _BOATBackbone(PyramidBackbone):
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return _rename(state_dict, self.public_key_rules)
+
+    def fsla_levels(self, hw: Tuple[int, int]) -> Tuple[int, ...]:
+        """Per stage, the clustering levels of its FSLA for an (H, W) input (0: one group, or
+        no FSLA). A graph exported (ONNX) at one input size serves exactly the sizes with the
+        same levels; a graph compiled with dynamic shapes guards on them."""
+        levels = []
+        h, w = ceil_div(hw[0], 4), ceil_div(hw[1], 4)
+        for stage in self.stages:
+            fsla = next((block.fsla for block in stage.blocks if block.fsla is not None), None)
+            levels.append(0 if fsla is None else num_levels(h * w, fsla.group_size))
+            h, w = ceil_div(h, 2), ceil_div(w, 2)
+        return tuple(levels)
 
 
 @MODELS.register_module()
@@ -354,7 +369,7 @@ class CSWinPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % 4, 0, -h % 4))
+        x = F.pad(x, (0, pad_to(w, 4), 0, pad_to(h, 4)))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 

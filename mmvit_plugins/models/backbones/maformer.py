@@ -14,7 +14,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from ..layers import WindowMSA, attend_in_windows
+from ..layers import WindowMSA, attend_in_windows, is_concrete, resample_to_grid
+from ..layers.resample import RESAMPLE_MODES
 from .base import (
     PyramidBackbone,
     Stage,
@@ -31,7 +32,7 @@ from .base import (
 )
 
 FUSIONS = ('parallel', 'sequential')
-GLD_RESIZE_MODES = ('bilinear', 'area')
+GLD_RESIZE_MODES = RESAMPLE_MODES
 
 
 class Attention(nn.Module):
@@ -103,18 +104,15 @@ class GLD(nn.Module):
         trunc_normal_(self.pos_embed, std=.02)
 
     def resample(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H0, W0), in float32 for 16-bit inputs (CPU's antialiased
-        bilinear kernel has none for them), returned in the input's dtype."""
-        if self.resize_mode == 'area':
-            out = F.adaptive_avg_pool2d(x.float(), self.grid_size)
-        else:
-            out = F.interpolate(x.float(), size=self.grid_size, mode='bilinear',
-                                align_corners=False, antialias=True)
-        return out.to(x.dtype)
+        """(B, C, H, W) -> (B, C, H0, W0): torch's antialiased bilinear interpolation or
+        adaptive average pooling as matrix products (:func:`resample_to_grid`, which exports
+        to ONNX for any size), in float32 for 16-bit inputs, returned in the input's dtype."""
+        return resample_to_grid(x.float(), self.grid_size, self.resize_mode).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
-        if tuple(x.shape[2:]) != self.grid_size:
+        h, w = x.shape[2:]
+        if not is_concrete(h, w) or (h, w) != self.grid_size:
             x = self.resample(x)
         x = self.token_fc(x.flatten(2))
         return x.transpose(1, 2) + self.pos_embed

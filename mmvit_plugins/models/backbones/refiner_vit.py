@@ -20,7 +20,10 @@ from torch.nn import functional as F
 
 from mmvit_plugins.models.layers import (
     SimpleFeaturePyramid,
+    ceil_div,
+    pad_to,
     pad_to_multiple,
+    resize_abs_pos_embed,
     window_padding_mask,
     window_partition,
     window_reverse,
@@ -209,7 +212,7 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % PATCH_SIZE, 0, -h % PATCH_SIZE))
+        x = F.pad(x, (0, pad_to(w, PATCH_SIZE), 0, pad_to(h, PATCH_SIZE)))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
@@ -427,8 +430,8 @@ class RefinerViT(PyramidBackbone):
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        x = x + resample_abs_pos_embed(self.pos_embed, (h, w), self.pos_grid,
-                                       num_prefix_tokens=self.num_extra_tokens, antialias=False)
+        x = x + resize_abs_pos_embed(self.pos_embed, (h, w), self.pos_grid,
+                                     num_prefix_tokens=self.num_extra_tokens)
         outs, attn = [], None
         for i, block in enumerate(self.blocks[:self._feature_blocks[-1] + 1]):
             if i and not block.attn.share and \
@@ -460,6 +463,6 @@ class RefinerViT(PyramidBackbone):
         for i, out in zip(self.out_indices, self.pyramid(feats)):
             stride = PYRAMID_STRIDES[i]
             out = getattr(self, f'out_norm{i}')(out)
-            out = out[..., :-(-size[0] // stride), :-(-size[1] // stride)]
+            out = out[..., :ceil_div(size[0], stride), :ceil_div(size[1], stride)]
             outs.append(out.contiguous().to(dtype))
         return tuple(outs)

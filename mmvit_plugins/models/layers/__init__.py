@@ -1,6 +1,9 @@
 from .attention import WindowMSA
+from .capture import capturing, ceil_div, is_concrete, pad_to
 from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout
+from .pos_embed import resize_abs_pos_embed
 from .pyramid import SimpleFeaturePyramid
+from .resample import resample_to_grid, resample_weights
 from .window import (
     attend_in_windows,
     pad_to_multiple,
@@ -12,6 +15,8 @@ from .window import (
 
 __all__ = [
     'FeatureSpaceLocalAttention', 'SimpleFeaturePyramid', 'WindowMSA', 'attend_in_windows',
-    'balanced_clustering', 'group_layout', 'pad_to_multiple', 'window_attention_mask',
+    'balanced_clustering', 'capturing', 'ceil_div', 'group_layout', 'is_concrete', 'pad_to',
+    'pad_to_multiple',
+    'resample_to_grid', 'resample_weights', 'resize_abs_pos_embed', 'window_attention_mask',
     'window_padding_mask', 'window_partition', 'window_reverse'
 ]

@@ -24,13 +24,14 @@ padding slots in all, which are masked out as keys and never read back as querie
 The clustering runs in float32 (float64 for float64 inputs) with autocast off, whatever the
 compute dtype: bf16 sort keys would take hundreds of distinct values for thousands of tokens.
 """
-import math
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .capture import Size, capturing, is_concrete, size_cache
 
 # Added to every centroid sum so that its norm is never zero (its square is a normal float32).
 _CENTROID_EPS = 1e-18
@@ -53,6 +54,7 @@ class GroupLayout(NamedTuple):
     first_slot: int                       # slots first_slot .. first_slot + N - 1 hold tokens
     child_slots: torch.Tensor             # (k, P) int32: sorted position behind every slot
     slot_meta: torch.Tensor               # (P, 3) float32: 1, padding flag, token (N = padding)
+    slot_tokens: torch.Tensor             # (P,) long: the token of every slot (N = padding)
     num_groups: int                       # G
     slot_size: int                        # s = ceil(N / G) query slots per group
     num_slots: int                        # G * s
@@ -60,14 +62,43 @@ class GroupLayout(NamedTuple):
     key_padding: Optional[torch.Tensor]   # (G, 1, s + o) bool, True = padding; or None
 
 
-def _level_counts(num_tokens: int, num_levels: int) -> List[torch.Tensor]:
+def num_levels(num_tokens: Size, group_size: int) -> int:
+    """k = ceil(log2(N / m)) (0 for N <= m): the smallest k with ``m * 2**k >= N``.
+
+    Found by comparing sizes, so that a compiled graph with dynamic shapes guards on k rather
+    than N, and an exported graph keeps the k of its export size (it serves the sizes with the
+    same k; :func:`level_range`).
+    """
+    k = 0
+    while group_size << k < num_tokens:
+        k += 1
+    return k
+
+
+def level_range(levels: int, group_size: int) -> Tuple[int, int]:
+    """The token counts N with ``levels`` levels: ``(m * 2**(k-1), m * 2**k]`` (k = 0: 1..m)."""
+    return (group_size << levels >> 1) + 1 if levels else 1, group_size << levels
+
+
+@lru_cache(maxsize=16)
+def _count_offsets(num_levels: int) -> torch.Tensor:
+    """(k + 1, 2**k) r with the real tokens of group g at level l = ``(N + r[l, g]) // 2**l``
+    (first 2**l entries): a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
+    ``c // 2``, i.e. offsets ``r + 2**l`` and ``r``."""
+    offsets = torch.zeros(num_levels + 1, 1 << num_levels, dtype=torch.long)
+    row = torch.zeros(1, dtype=torch.long)
+    for level in range(num_levels):
+        row = torch.stack([row + (1 << level), row], 1).flatten()
+        offsets[level + 1, :row.numel()] = row
+    return offsets
+
+
+def _level_counts(num_tokens: Size, levels: int, device: torch.device) -> List[torch.Tensor]:
     """Real tokens of every group at levels 0..k: each group splits ceil/floor, the first child
     taking the larger half."""
-    counts = [torch.tensor([num_tokens])]
-    round_up = torch.tensor([1, 0])
-    for _ in range(num_levels):
-        counts.append(((counts[-1][:, None] + round_up) // 2).flatten())
-    return counts
+    offsets = _count_offsets(levels).to(device)
+    return [(offsets[level, :1 << level] + num_tokens) // (1 << level)
+            for level in range(levels + 1)]
 
 
 def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -86,57 +117,67 @@ def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.where(pos < shares[..., None], start + pos, first + (n - 1)).flatten()
 
 
-@lru_cache(maxsize=64)
-def group_layout(num_tokens: int, group_size: int, overlap: int,
-                 device: torch.device = torch.device('cpu'),
-                 static_shapes: bool = True) -> GroupLayout:
+def build_group_layout(num_tokens: Size, group_size: int, overlap: int,
+                       device: torch.device = torch.device('cpu'),
+                       static_shapes: bool = True) -> GroupLayout:
     """The deterministic layout of ``num_tokens > group_size`` tokens in balanced groups.
 
     ``G = 2**ceil(log2(N / m))`` groups; a group never holds more than ``s = ceil(N / G)`` real
     tokens, so ``s`` query slots per group suffice for the attention. The clustering works on
     m slots per group (``static_shapes``: its shapes are those of every N with G groups) or on s
     (less padding, less work; shapes that depend on N).
+
+    ``num_tokens`` may be an int, a SymInt or a 0-d tensor (a traced size): all the layout's
+    data is then computed from it with tensor operations; only the number of levels is a
+    Python int. :func:`group_layout` is the cached version for int sizes.
     """
     if num_tokens <= group_size:
         raise ValueError(f'num_tokens={num_tokens} is invalid; allowed values: ints > '
                          f'group_size={group_size} (fewer tokens form one group)')
-    num_levels = math.ceil(math.log2(num_tokens / group_size))
-    num_groups = 1 << num_levels
-    slot_size = -(-num_tokens // num_groups)
+    levels = num_levels(num_tokens, group_size)
+    num_groups = 1 << levels
+    slot_size = (num_tokens + num_groups - 1) // num_groups
     group_slots = group_size if static_shapes else slot_size
-    shape = ClusterShape(num_groups, group_slots, num_groups * group_slots, num_levels)
+    shape = ClusterShape(num_groups, group_slots, num_groups * group_slots, levels)
     num_slots = shape.num_slots
 
-    counts = _level_counts(num_tokens, num_levels)
+    counts = _level_counts(num_tokens, levels, device)
     child_slots = torch.stack([
-        _child_slots(counts[min(level + 2, num_levels)].view(1 << level, -1), num_slots)
-        for level in range(num_levels)])
+        _child_slots(counts[min(level + 2, levels)].view(1 << level, -1), num_slots)
+        for level in range(levels)])
     # level 0: token t in slot first_slot + t puts the first ceil(N / 2) tokens into the first
     # half of the slots and the rest into the second, the halves its centroids start from
     first_slot = num_slots // 2 - (num_tokens + 1) // 2
-    token = torch.arange(-first_slot, num_slots - first_slot)
+    token = torch.arange(num_slots, device=device) - first_slot
     padding = (token < 0) | (token >= num_tokens)
-    token = token.masked_fill(padding, num_tokens)
-    slot_meta = torch.stack([torch.ones(num_slots), padding, token], dim=1).float()
+    token = token + padding * (num_tokens - token)  # padding slots hold N
+    slot_meta = torch.stack([torch.ones_like(token), padding, token], dim=1).float()
 
     counts = counts[-1]
-    overlap = min(overlap, slot_size)
-    group = torch.arange(num_groups)[:, None]
+    concrete = is_concrete(num_tokens)
+    # more overlap keys than a sibling holds are masked: the same result as fewer keys
+    if concrete:
+        overlap = min(overlap, slot_size)
+    group = torch.arange(num_groups, device=device)[:, None]
     sibling = group ^ 1
     sibling_count = counts[sibling]
     # Group 2i takes the first `overlap` tokens of group 2i+1, group 2i+1 the last real ones of 2i.
     start = torch.where(group % 2 == 0, 0, (sibling_count - overlap).clamp(min=0))
-    overlap_pos = start + torch.arange(overlap)
-    own_pos = torch.arange(slot_size).expand(num_groups, -1)
+    overlap_pos = start + torch.arange(overlap, device=device)
+    own_pos = torch.arange(slot_size, device=device).expand(num_groups, -1)
     key_padding = torch.cat([own_pos >= counts[:, None], overlap_pos >= sibling_count], 1)
     key_slots = torch.cat([own_pos, overlap_pos + (sibling - group) * group_slots], 1)
     # padding keys read the group's first token (always real), so that every key is a token;
     # the mask removes them
     key_slots = key_slots.masked_fill(key_padding, 0) + group * group_slots
-    return GroupLayout(shape, num_tokens, first_slot, child_slots.to(device, torch.int32),
-                       slot_meta.to(device), num_groups, slot_size, num_groups * slot_size,
-                       key_slots.flatten().to(device),
-                       key_padding[:, None].to(device) if key_padding.any() else None)
+    # with N % G == 0 every group is full: nothing to mask (known only for an int N)
+    unmasked = concrete and num_tokens % num_groups == 0
+    return GroupLayout(shape, num_tokens, first_slot, child_slots.int(), slot_meta, token,
+                       num_groups, slot_size, num_groups * slot_size, key_slots.flatten(),
+                       None if unmasked else key_padding[:, None])
+
+
+group_layout = size_cache(maxsize=64)(build_group_layout)
 
 
 @lru_cache(maxsize=16)
@@ -162,7 +203,9 @@ def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.T
     """(1, 2, n) indicators of the first and the second half of a group's n slots: a view of a
     pattern cached for a power of two, so that few patterns serve all sizes."""
     half = num_slots // 2
-    size = 1 << (half - 1).bit_length()
+    size = 1
+    while size < half:
+        size <<= 1
     return _half_pattern(size, dtype, device)[None, :, size - half:size + half]
 
 
@@ -171,7 +214,7 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-@lru_cache(maxsize=64)
+@size_cache(maxsize=64)
 def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> torch.Tensor:
     """Start of every group's slots in the flattened (rows * P) features, for the smallest
     groups that are ever gathered (4m slots); coarser levels take every 2**i-th entry."""
@@ -187,17 +230,15 @@ def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, t
     ``layout.shape``.
     """
     num_tokens, dim = x.shape[-2:]
-    if num_tokens != layout.num_tokens:
+    if is_concrete(num_tokens) and num_tokens != layout.num_tokens:
         raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    num_slots = layout.shape.num_slots
-    raw = torch.zeros(*x.shape[:-2], num_slots, dim, dtype=dtype, device=x.device)
-    raw[..., layout.first_slot:layout.first_slot + num_tokens, :] = x
-    scored = raw.new_empty(*raw.shape[:-1], dim + 3)
-    scored[..., dim:] = layout.slot_meta
+    x = x.to(dtype).reshape(-1, num_tokens, dim)
+    # padding slots read a zero token N
+    raw = torch.cat([x, x.new_zeros(x.shape[0], 1, dim)], 1).index_select(1, layout.slot_tokens)
     norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(1e-12)
-    torch.div(raw, norm, out=scored[..., :dim])
-    return raw.view(-1, num_slots, dim), scored.view(-1, num_slots, dim + 3)
+    meta = layout.slot_meta.expand(x.shape[0], -1, -1)
+    return raw, torch.cat([raw / norm, meta], -1)
 
 
 def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Tensor,
@@ -211,43 +252,36 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
     ``(s0 + 1) / (s1 + 1)``; the first half of the real tokens (rounded up) goes to child 0, and
     ``child_slots`` lays the children out in the halves the next level starts from.
 
-    One matmul scores the slots against both centroids, their ``sharpness`` and ``+1`` and the
-    padding included (:func:`_score_tail`).
+    One matmul per iteration scores the slots against both centroids, adding what the slots'
+    ``+1`` and padding flag score (:func:`_score_tail`, once per level).
 
     Args:
-        raw, scored: (R, P, d) and (R, P, d + 3) slot features; reused as buffers.
+        raw, scored: (R, P, d) and (R, P, d + 3) slot features.
         child_slots: (k, P) int32 of the :class:`GroupLayout`.
 
     Returns:
         (R, G, m) long: the token in every slot, real tokens at the front of their group, in
         key order; padding slots hold N.
     """
-    rows, num_slots, dim = raw.shape
-    m = shape.group_slots
+    rows, dim = raw.shape[0], raw.shape[-1]
+    num_slots, m = shape.num_slots, shape.group_slots
     dtype, device = raw.dtype, raw.device
-    eps, zero = _scalar(_CENTROID_EPS, dtype, device), _scalar(0., dtype, device)
-    # the scaled unit centroids of every split of every level, with their score tails
-    centroids = raw.new_empty(rows * 2 * (shape.num_groups - 1), dim + 2)
-    centroids.view(-1, 2, dim + 2)[..., dim:] = _score_tail(sharpness, dtype, device)
+    eps = _scalar(_CENTROID_EPS, dtype, device)
+    tail = _score_tail(sharpness, dtype, device)
     offsets = _gather_offsets(rows, shape, device)
-    # the next level's features go to spare buffers: fresh large allocations each level cost
-    # page faults on CPU
-    spare_raw, spare_scored = torch.empty_like(raw), torch.empty_like(scored)
-    used = 0
     for level in range(shape.num_levels):
         groups = 1 << level
         n = num_slots // groups
         group_raw = raw.view(rows * groups, n, dim)
         group_scored = scored.view(rows * groups, n, dim + 3)
-        unit = centroids[used:used + rows * groups * 2].view(rows * groups, 2, dim + 2)
-        used += rows * groups * 2
+        unit_feats = group_scored[..., :dim].transpose(1, 2)
+        # (R * g, 2, n) what the slots score besides the centroid term: their 1 and padding
+        tail_scores = torch.matmul(tail, group_scored[..., dim:-1].transpose(1, 2))
         halves = _halves(n, dtype, device).expand(rows * groups, -1, -1)
         sums = torch.baddbmm(eps, halves, group_raw)
         for i in range(iters + 1):
-            norm = torch.linalg.vector_norm(sums, dim=-1, keepdim=True)
-            torch.addcdiv(zero, sums, norm, value=sharpness, out=unit[..., :dim])
-            # (R * g, 2, n) against unit | 1 | padding
-            scores = torch.bmm(unit, group_scored[..., :-1].transpose(1, 2))
+            unit = sums / torch.linalg.vector_norm(sums, dim=-1, keepdim=True)
+            scores = torch.baddbmm(tail_scores, unit, unit_feats, alpha=sharpness)
             if i < iters:
                 sums = torch.baddbmm(eps, scores.softmax(dim=1), group_raw)
         within = (scores[:, 0] / scores[:, 1]).argsort(dim=-1)
@@ -257,10 +291,8 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
             return token.long().view(rows, shape.num_groups, m)
         # the groups of the next level are contiguous runs of slots: row gathers
         index = (within.view(rows * groups, n) + offsets[::n // (4 * m), None]).view(-1)
-        torch.index_select(raw.view(-1, dim), 0, index, out=spare_raw.view(-1, dim))
-        torch.index_select(scored.view(-1, dim + 3), 0, index,
-                           out=spare_scored.view(-1, dim + 3))
-        raw, spare_raw, scored, spare_scored = spare_raw, raw, spare_scored, scored
+        raw = raw.view(-1, dim).index_select(0, index)
+        scored = scored.view(-1, dim + 3).index_select(0, index)
     raise AssertionError('unreachable: a layout has at least one level')
 
 
@@ -286,30 +318,45 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
 
 
 @lru_cache(maxsize=64)
-def _attention_mask(num_tokens: int, group_size: int, overlap: int, device: torch.device,
-                    dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _attention_mask(num_tokens: int, group_size: int, overlap: int,
+                    device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """(G, 1, s + o) additive key mask in the compute dtype, or None: a finite minimum, so that
     no fp16/bf16 arithmetic on it makes a NaN (every group has real keys)."""
     # the attention side of a layout is the same with static shapes or without
-    padding = group_layout(num_tokens, group_size, overlap, device, False).key_padding
+    return _additive_mask(group_layout(num_tokens, group_size, overlap, device, False).key_padding,
+                          dtype)
+
+
+def _key_mask(layout: GroupLayout, group_size: int, overlap: int,
+              dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """:func:`_attention_mask` of a layout: cached for an int size in eager code, else
+    computed in the graph."""
+    if capturing() or not is_concrete(layout.num_tokens):
+        return _additive_mask(layout.key_padding, dtype)
+    return _attention_mask(layout.num_tokens, group_size, overlap, layout.key_slots.device,
+                           dtype)
+
+
+def _additive_mask(padding: Optional[torch.Tensor],
+                   dtype: torch.dtype) -> Optional[torch.Tensor]:
     if padding is None:
         return None
-    mask = torch.zeros(padding.shape, dtype=dtype, device=padding.device)
-    return mask.masked_fill_(padding, torch.finfo(dtype).min)
+    return torch.zeros((), dtype=dtype, device=padding.device).masked_fill(
+        padding, torch.finfo(dtype).min)
 
 
-@lru_cache(maxsize=64)
+@size_cache(maxsize=64)
 def _row_offsets(batch: int, heads: int, num_tokens: int,
                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (image, head) row r: (R, 1, 3) rows of its q, k and v of token 0 in the (B * N * 3 *
     heads, d) projection, and (R, 1, 1) its row for token 0 in a (B, N + 1, heads, d) output
     whose token N takes what padding slots compute."""
-    row = torch.arange(batch * heads)
+    row = torch.arange(batch * heads, device=device)
     image, head = row // heads, row % heads
     qkv = image * (num_tokens * 3 * heads) + head
-    qkv = qkv[:, None, None] + torch.arange(3)[None, None] * heads
+    qkv = qkv[:, None, None] + torch.arange(3, device=device)[None, None] * heads
     out = (image * ((num_tokens + 1) * heads) + head)[:, None, None]
-    return qkv.to(device), out.to(device)
+    return qkv, out
 
 
 class FeatureSpaceLocalAttention(nn.Module):
@@ -372,7 +419,12 @@ class FeatureSpaceLocalAttention(nn.Module):
         """
         b, n, _, heads, d = qkv.shape
         rows = b * heads
-        static = qkv.device.type != 'cpu' if self.static_shapes is None else self.static_shapes
+        static = self.static_shapes
+        if static is None:
+            # the tight layout is for eager CPU code: a captured graph wants static shapes
+            static = qkv.device.type != 'cpu' or capturing()
+        # the tight layout's shapes follow N's value
+        static = static or not is_concrete(n)
         layout = group_layout(n, self.group_size, self.overlap, qkv.device, static)
         groups, slot_size = layout.num_groups, layout.slot_size
         order = balanced_clustering(qkv[:, :, 0].transpose(1, 2), layout)  # (rows, G * m)
@@ -382,7 +434,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         index = torch.add(qkv_rows, key_token[..., None], alpha=3 * heads)
         qkv_g = qkv.view(-1, d).index_select(0, index.view(-1)).view(rows, groups, -1, 3, d)
         q_g, k_g, v_g = qkv_g[:, :, :slot_size, 0], qkv_g[..., 1, :], qkv_g[..., 2, :]
-        mask = _attention_mask(n, self.group_size, self.overlap, qkv.device, qkv.dtype)
+        mask = _key_mask(layout, self.group_size, self.overlap, qkv.dtype)
         if mask is not None:
             # an expanded mask of the full (rows, G, s, s + o) shape takes SDPA's fused kernel
             mask = mask.expand(rows, -1, slot_size, -1)
@@ -390,12 +442,12 @@ class FeatureSpaceLocalAttention(nn.Module):
 
         # fused SDPA kernels write (rows, s, G, d) memory: copy its rows to their tokens
         query_token = order.view(rows, groups, -1)[:, :, :slot_size].transpose(1, 2)
-        out_row = torch.add(out_rows, query_token, alpha=heads,
-                            out=order.new_empty(rows, slot_size, groups))
+        out_row = torch.add(out_rows, query_token, alpha=heads).reshape(-1)
         out_full = out.new_empty(b * (n + 1) * heads, d)
-        out_full.index_copy_(0, out_row.view(-1), out.transpose(1, 2).reshape(-1, d))
+        out_full.index_copy_(0, out_row, out.transpose(1, 2).reshape(-1, d))
         return out_full.view(b, n + 1, heads * d)[:, :n]
 
 
 __all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
-                      'balanced_clustering', 'cluster_slots', 'group_layout', 'slot_features']
+                      'balanced_clustering', 'build_group_layout', 'cluster_slots',
+                      'group_layout', 'level_range', 'num_levels', 'slot_features']

@@ -6,6 +6,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .capture import Size, is_concrete, pad_to
+
 Window = Union[int, Tuple[int, int]]
 
 
@@ -17,8 +19,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: Window, value: float = 0.) -> tor
     """Pad a (B, H, W, C) map at the bottom/right so that H and W are multiples of ``multiple``."""
     mh, mw = _pair(multiple)
     h, w = x.shape[1:3]
-    pad_h, pad_w = -h % mh, -w % mw
-    if pad_h or pad_w:
+    pad_h, pad_w = pad_to(h, mh), pad_to(w, mw)
+    if not is_concrete(pad_h, pad_w) or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h), value=value)
     return x
 
@@ -40,20 +42,43 @@ def window_reverse(windows: torch.Tensor, window: Window, h: int, w: int) -> tor
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def window_padding_mask(hw: Tuple[int, int], window: Window,
+def _padded_grid(hw: Tuple[Size, Size], window: Tuple[int, int],
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For an (H, W) map padded to whole windows: per row and per column of the padded map,
+    True where :func:`pad_to_multiple` added it; (Hp,) and (Wp,) bool."""
+    (h, w), (mh, mw) = hw, window
+    rows = torch.arange(h + pad_to(h, mh), device=device) >= h
+    cols = torch.arange(w + pad_to(w, mw), device=device) >= w
+    return rows, cols
+
+
+def _needs_no_mask(hw: Tuple[Size, Size], window: Tuple[int, int], shift_size: int = 0) -> bool:
+    """Nothing is padded or shifted: known only for int sizes (a captured graph with symbolic
+    sizes always builds the mask)."""
+    (h, w), (mh, mw) = hw, window
+    return not shift_size and is_concrete(h, w) and h % mh == 0 and w % mw == 0
+
+
+def window_padding_mask(hw: Tuple[Size, Size], window: Window,
                         device: torch.device) -> Optional[torch.Tensor]:
     """(num_windows, wh * ww) bool, True for the tokens that :func:`pad_to_multiple` adds to an
     (H, W) map, in :func:`window_partition` order; ``None`` when the map needs no padding."""
-    mh, mw = _pair(window)
-    h, w = hw
-    if h % mh == 0 and w % mw == 0:
+    window = _pair(window)
+    if _needs_no_mask(hw, window):
         return None
-    padding = torch.ones(1, h + -h % mh, w + -w % mw, 1, dtype=torch.bool, device=device)
-    padding[:, :h, :w] = False
-    return window_partition(padding, (mh, mw)).squeeze(-1)
+    rows, cols = _padded_grid(hw, window, device)
+    padding = rows[:, None] | cols[None, :]
+    return window_partition(padding[None, :, :, None], window).squeeze(-1)
 
 
-def window_attention_mask(hw: Tuple[int, int], window: Window, shift_size: int = 0,
+def _shift_regions(size: Size, window: int, shift_size: int, device: torch.device) -> torch.Tensor:
+    """(size,) Swin's shifted-window region of every row (or column) of a padded map: 0 before
+    its last window, 1 in the last window before the shift, 2 in the last ``shift_size``."""
+    index = torch.arange(size, device=device)
+    return (index >= size - window).long() + (index >= size - shift_size).long()
+
+
+def window_attention_mask(hw: Tuple[Size, Size], window: Window, shift_size: int = 0,
                           device: torch.device = torch.device('cpu')) -> Optional[torch.Tensor]:
     """Additive (num_windows, wh*ww, wh*ww) float mask for attention inside the windows of an
     (H, W) map padded to whole windows and rolled by ``-shift_size``; None when nothing is masked.
@@ -64,22 +89,17 @@ def window_attention_mask(hw: Tuple[int, int], window: Window, shift_size: int =
     A padded query attends only to padding: its output is zero (zero values), never
     e^-100-weighted real values, which are subnormal floats that slow every later CPU matmul.
     """
-    (h, w), (wh, ww) = hw, _pair(window)
-    hp, wp = h + -h % wh, w + -w % ww
-    if not shift_size and (hp, wp) == (h, w):
+    window = _pair(window)
+    if _needs_no_mask(hw, window, shift_size):
         return None
-    region = torch.zeros(hp, wp, device=device)
+    rows, cols = _padded_grid(hw, window, device)
+    region = torch.zeros(rows.shape[0], cols.shape[0], dtype=torch.long, device=device)
     if shift_size:
-        rows = (slice(0, -wh), slice(-wh, -shift_size), slice(-shift_size, None))
-        cols = (slice(0, -ww), slice(-ww, -shift_size), slice(-shift_size, None))
-        for i, r in enumerate(rows):
-            for j, c in enumerate(cols):
-                region[r, c] = 3 * i + j
-    padding = torch.ones(hp, wp, dtype=torch.bool, device=device)
-    padding[:h, :w] = False
-    padding = torch.roll(padding, (-shift_size, -shift_size), (0, 1))
-    region = region.masked_fill(padding, -1).view(1, hp, wp, 1)
-    region = window_partition(region, (wh, ww)).squeeze(-1)
+        region = (3 * _shift_regions(rows.shape[0], window[0], shift_size, device)[:, None]
+                  + _shift_regions(cols.shape[0], window[1], shift_size, device)[None, :])
+    padding = torch.roll(rows[:, None] | cols[None, :], (-shift_size, -shift_size), (0, 1))
+    region = region.masked_fill(padding, -1)[None, :, :, None]
+    region = window_partition(region, window).squeeze(-1)
     mask = (region[:, None, :] != region[:, :, None]).float() * -100.
     is_padding = region < 0
     return mask.masked_fill(is_padding[:, None, :] != is_padding[:, :, None], float('-inf'))

@@ -1,0 +1,175 @@
+"""The capture contract of every backbone, beside the API contract of tests/test_backbones.py:
+``torch.compile(fullgraph=True)`` equal to eager (eval, training step, bf16 autocast), no host
+synchronisation in a forward, and
+``torch.onnx.export`` (dynamic batch, H and W) with onnxruntime parity at sizes, batch sizes
+and window paddings other than the export's. Tiny widths; aot_eager captures the same graphs as
+inductor without generating code."""
+from typing import Callable, List, Sequence, Tuple
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmvit_plugins.models import backbones
+from tests.conftest import TINY_BACKBONES
+
+NAMES = sorted(backbones.__all__)
+EXPORT_SIZE = (64, 96)
+# Other sizes one export must serve: window padding in every family (the maps of 72x80 and
+# 56x104 are no multiples of the windows), non-square, and the same FSLA levels as EXPORT_SIZE.
+OTHER_SIZES = ((72, 80), (56, 104))
+# What makes the host wait for the device (values read back, shapes that depend on data).
+HOST_SYNC_OPS = ('aten::_local_scalar_dense', 'aten::item', 'aten::is_nonzero', 'aten::nonzero',
+                 'aten::masked_select', 'aten::equal', 'aten::_unique2', 'aten::unique_dim')
+# Relative tolerances: aot_eager runs the eager kernels; onnxruntime has its own.
+COMPILE_RTOL = 1e-5
+ONNX_RTOL = 1e-4
+
+
+def build(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(backbones, name)(**{**TINY_BACKBONES[name], **kwargs})
+
+
+def relative_error(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """The largest difference of any output, relative to that output's largest value."""
+    assert len(outs) == len(refs)
+    return max(((torch.as_tensor(o).float() - r.float()).abs().max() /
+                r.float().abs().max().clamp_min(1e-12)).item() for o, r in zip(outs, refs))
+
+
+def relative_norm_error(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """``|g - ref| / |ref|`` over all gradients as one vector: some are zero but for rounding
+    (e.g. a bias right before a BatchNorm), which no per-tensor tolerance can compare."""
+    flat, ref = (torch.cat([t.flatten().double() for t in ts]) for ts in (grads, refs))
+    return ((flat - ref).norm() / ref.norm()).item()
+
+
+def compiled(model: torch.nn.Module, **kwargs) -> Callable:
+    torch._dynamo.reset()
+    return torch.compile(model, backend='aot_eager', fullgraph=True, **kwargs)
+
+
+def test_sizes_keep_the_export_levels():
+    """The test sizes serve one export: the same FSLA levels in every stage."""
+    for name in ('BOATSwin', 'BOATCSWin'):
+        model = build(name)
+        levels = model.fsla_levels(EXPORT_SIZE)
+        assert levels[0] > 0, levels
+        assert all(model.fsla_levels(hw) == levels for hw in OTHER_SIZES), name
+        assert model.fsla_levels((72, 104)) != levels  # stage 0: 18 x 26 tokens, 4 levels
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_compiled_eval_forward_equals_eager(name):
+    model = build(name).eval()
+    x = torch.randn(2, 3, *OTHER_SIZES[0])
+    with torch.no_grad():
+        assert relative_error(compiled(model)(x), model(x)) <= COMPILE_RTOL
+
+
+@pytest.mark.parametrize('name,options', [
+    (name, options) for name in NAMES
+    for options in (dict(), dict(out_indices=(1, 3), frozen_stages=1, with_cp=True))])
+def test_compiled_training_step_equals_eager(name, options):
+    """Forward and backward in train mode (drop path off: the same random draws are not
+    guaranteed), outputs and every parameter's gradient."""
+    model = build(name, drop_path_rate=0., **options).train()
+    x = torch.randn(2, 3, *OTHER_SIZES[1])
+    cotangents = [torch.randn(o.shape) for o in model(x)]
+
+    def step(forward: Callable) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        model.zero_grad()
+        outs = forward(x)
+        sum((o * c).sum() for o, c in zip(outs, cotangents)).backward()
+        return [o.detach() for o in outs], [p.grad for p in model.parameters() if p.requires_grad]
+
+    outs, grads = step(compiled(model))
+    ref_outs, ref_grads = step(model)
+    assert relative_error(outs, ref_outs) <= COMPILE_RTOL
+    assert all(g is not None for g in grads)
+    assert relative_norm_error(grads, ref_grads) <= COMPILE_RTOL
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_compiled_bf16_autocast_equals_eager(name):
+    model = build(name).eval()
+    x = torch.randn(1, 3, *EXPORT_SIZE)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        outs, refs = compiled(model)(x), model(x)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    # the same kernels on the same bf16 values; BOAT's groups are the same (fp32 clustering)
+    assert relative_error(outs, refs) <= 1e-2
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_no_host_synchronisation_in_a_forward(name):
+    """Nothing in a forward (and backward) reads a tensor's value on the host, so that CUDA
+    graphs (``mode='reduce-overhead'``) can capture it. A window-padded size."""
+    model = build(name).train()
+    x = torch.randn(2, 3, *OTHER_SIZES[0])
+    with _OpLog() as log:
+        sum(o.sum() for o in model(x)).backward()
+    assert not log.ops & set(HOST_SYNC_OPS), sorted(log.ops & set(HOST_SYNC_OPS))
+
+
+def export(model: torch.nn.Module, path: str, x: torch.Tensor) -> List[str]:
+    outputs = [f'out{i}' for i in model.out_indices]
+    torch.onnx.export(model, x, path, input_names=['x'], output_names=outputs, opset_version=17,
+                      dynamic_axes={'x': {0: 'batch', 2: 'height', 3: 'width'},
+                                    **{o: {0: 'batch', 2: f'{o}_h', 3: f'{o}_w'}
+                                       for o in outputs}})
+    return outputs
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path, name):
+    model = build(name).eval()
+    path = str(tmp_path / f'{name}.onnx')
+    export(model, path, torch.randn(1, 3, *EXPORT_SIZE))
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for batch, hw in ((1, EXPORT_SIZE), (2, EXPORT_SIZE), (2, OTHER_SIZES[0]),
+                      (1, OTHER_SIZES[1])):
+        x = torch.randn(batch, 3, *hw)
+        with torch.no_grad():
+            refs = model(x)
+        outs = session.run(None, {'x': x.numpy()})
+        assert [o.shape for o in outs] == [tuple(r.shape) for r in refs], (batch, hw)
+        assert relative_error(outs, refs) <= ONNX_RTOL, (batch, hw)
+
+
+@pytest.mark.parametrize('name', ['boat_swin_tiny', 'boat_cswin_tiny', 'maformer_tiny',
+                                  'refiner_vit_s'])
+def test_timm_models_compile_and_export(tmp_path, name):
+    """One timm classifier per family (tiny widths): fullgraph compile equal to eager, and
+    ``timm.utils.onnx.onnx_export`` with dynamic sizes, whose logits onnxruntime reproduces at
+    other sizes and batch sizes."""
+    from timm.utils.onnx import onnx_export
+
+    from tests.test_timm_models import _create
+    model = _create(name, num_classes=10).eval()
+    x = torch.randn(2, 3, *OTHER_SIZES[0])
+    with torch.no_grad():
+        assert relative_error([compiled(model)(x)], [model(x)]) <= COMPILE_RTOL
+    path = str(tmp_path / f'{name}.onnx')
+    onnx_export(model, path, torch.randn(1, 3, *EXPORT_SIZE), opset=17, dynamic_size=True)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for batch, hw in ((2, OTHER_SIZES[0]), (1, OTHER_SIZES[1])):
+        x = torch.randn(batch, 3, *hw)
+        with torch.no_grad():
+            ref = model(x)
+        assert relative_error(session.run(None, {session.get_inputs()[0].name: x.numpy()}),
+                              [ref]) <= ONNX_RTOL, (batch, hw)

@@ -417,10 +417,13 @@ class RefinerViT(PyramidBackbone):
         return [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
 
     # -- forward -----------------------------------------------------------------------------
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
-        """(B, in_channels, H, W) -> the outputs of the blocks feeding the returned levels
-        (ascending block order) as (B, extra + h*w, C), class token first, and the token grid
-        (h, w) = (ceil(H/16), ceil(W/16))."""
+    def forward_tokens(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None
+                       ) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
+        """(B, in_channels, H, W) -> the outputs of ``blocks`` (ascending block indices;
+        default: the blocks feeding the returned levels) as (B, extra + h*w, C), class token
+        first, and the token grid (h, w) = (ceil(H/16), ceil(W/16)). Blocks after the last
+        one asked for do not run."""
+        blocks = self._feature_blocks if blocks is None else blocks
         self.check_input(x)
         x = self.patch_embed(x)
         b, _, h, w = x.shape
@@ -430,7 +433,7 @@ class RefinerViT(PyramidBackbone):
         x = x + resample_abs_pos_embed(self.pos_embed, (h, w), self.pos_grid,
                                        num_prefix_tokens=self.num_extra_tokens, antialias=False)
         outs, attn = [], None
-        for i, block in enumerate(self.blocks[:self._feature_blocks[-1] + 1]):
+        for i, block in enumerate(self.blocks[:blocks[-1] + 1]):
             if i and not block.attn.share and \
                     block.attn.window_size != self.blocks[i - 1].attn.window_size:
                 attn = None  # window maps and global maps differ in shape: a new chain starts
@@ -438,7 +441,7 @@ class RefinerViT(PyramidBackbone):
                 x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
             else:
                 x, attn = block(x, attn, (h, w))
-            if i in self._feature_blocks:
+            if i in blocks:
                 outs.append(x)
         return outs, (h, w)
 

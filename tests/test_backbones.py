@@ -114,6 +114,41 @@ def test_frozen_stages_from_construction_on(name):
     assert not _frozen_names(build(name, frozen_stages=-1))
 
 
+def _family_pairs():
+    for own in NAMES:
+        for other in NAMES:
+            if other != own:
+                yield pytest.param(own, other, id=f'{other}-into-{own}')
+
+
+@pytest.mark.parametrize('own,other', list(_family_pairs()))
+def test_weights_of_another_family_are_refused(tmp_path, own, other):
+    """Whatever share of the tensors would match, a checkpoint whose keys name another family
+    never loads: the ValueError of a checkpoint that does not fit."""
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': build(other).state_dict()}, path)
+    model = build(own, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf'{re.escape(str(path))}.*does not fit {own}.*'
+                       r'weights of another family are never loaded'):
+        model.init_weights()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_boat_swin_weights_that_mostly_fit_a_boat_cswin_are_refused(tmp_path):
+    """The issue's case: equal widths, most tensors match."""
+    arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2))
+    path = tmp_path / 'swin.pth'
+    torch.save({'state_dict': backbones.BOATSwin(arch=arch).state_dict()}, path)
+    model = backbones.BOATCSWin(arch=dict(arch, split_sizes=(1, 2, 7, 7)),
+                                init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match='BOAT-Swin weights, the model is BOAT-CSWin') as err:
+        model.init_weights()
+    matched, total = map(int, re.search(r'\((\d+) of its (\d+) tensors would match\)',
+                                        str(err.value)).groups())
+    assert matched >= total / 2  # the below-50 % rule alone would have loaded the mixture
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_with_cp_gives_the_same_gradients(name):
     x = torch.randn(1, 3, 64, 80)

@@ -647,6 +647,13 @@ def test_filter_is_idempotent_on_own_and_converted_checkpoints():
         assert all(torch.equal(other[k], once[k]) for k in once)
 
 
+def test_filter_refuses_the_weights_of_another_family():
+    model = _create('boat_cswin_tiny', num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r'holds BOAT-Swin weights .*the model is BOAT-CSWin: '
+                       'weights of another family are never loaded'):
+        checkpoint_filter_fn(_public_checkpoint('boat_swin_tiny'), model)
+
+
 def test_filter_never_fills_the_final_norm():
     model = _create('boat_swin_tiny', num_classes=NUM_CLASSES)
     public = _public_checkpoint('boat_swin_tiny')

@@ -25,6 +25,11 @@ FROZEN_BY_ONE = {
 }
 
 
+# The largest frozen_stages of each backbone (the plain ViT counts blocks).
+LARGEST_FROZEN = {'BOATSwin': 4, 'BOATCSWin': 4, 'MAFormer': 4,
+                  'RefinerViT': TINY_BACKBONES['RefinerViT']['arch']['num_layers']}
+
+
 def build(name: str, **kwargs) -> torch.nn.Module:
     return getattr(backbones, name)(**{**TINY_BACKBONES[name], **kwargs})
 
@@ -35,7 +40,8 @@ def expected_shapes(model, batch: int, hw) -> list:
 
 
 def test_every_backbone_is_covered():
-    assert NAMES and set(NAMES) == set(TINY_BACKBONES) == set(FROZEN_BY_ONE)
+    assert NAMES and set(NAMES) == set(TINY_BACKBONES) == set(FROZEN_BY_ONE) == \
+        set(LARGEST_FROZEN)
 
 
 @pytest.mark.parametrize('codebase', ['mmdet', 'mmseg'])
@@ -112,6 +118,24 @@ def test_frozen_stages_from_construction_on(name):
     for param_name, param in model.named_parameters():
         assert (param.grad is None) == (param_name in expected), param_name
     assert not _frozen_names(build(name, frozen_stages=-1))
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, )])
+def test_the_largest_frozen_stages_freezes_every_parameter(name, out_indices):
+    """As mmdet's Swin at its largest frozen_stages: nothing trains, output norms (and the
+    plain ViT's pyramid) included, and every module with parameters stays in eval mode."""
+    largest = LARGEST_FROZEN[name]
+    with pytest.raises(ValueError, match='frozen_stages'):
+        build(name, frozen_stages=largest + 1)
+    model = build(name, frozen_stages=largest, out_indices=out_indices)
+    model.init_weights()
+    model.train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+    assert [n for n, m in model.named_modules()  # the root holds RefinerViT's embeddings
+            if n and m.training and any(True for _ in m.parameters(recurse=False))] == []
+    one_less = build(name, frozen_stages=largest - 1, out_indices=out_indices)
+    assert any(p.requires_grad for p in one_less.parameters())
 
 
 def _family_pairs():

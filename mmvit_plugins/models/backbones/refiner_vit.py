@@ -255,7 +255,8 @@ class RefinerViT(PyramidBackbone):
         qkv_bias, dla_expansion, dla_kernel_size: as the public models (True, 3, 3).
         out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
         frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
-            class token) and the first k blocks.
+            class token) and the first k blocks; ``num_layers`` freezes every parameter
+            (pyramid and output norms included).
         norm_eval: keep every BatchNorm (stem, refiner) in eval mode while training; needed
             for batch independence in training, since these BNs otherwise use batch statistics.
         with_cp: gradient checkpointing per block.
@@ -412,9 +413,14 @@ class RefinerViT(PyramidBackbone):
 
     # -- freezing ----------------------------------------------------------------------------
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
+        """The stem and embeddings, the first ``frozen_stages`` blocks; all blocks freeze the
+        pyramid and the output norms too (nothing is left to train)."""
         embeddings = nn.ParameterList(
             [p for p in (self.pos_embed, self.cls_token) if p is not None])
-        return [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
+        modules = [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
+        if frozen_stages == self.num_layers:
+            modules += [self.pyramid, *(getattr(self, f'out_norm{i}') for i in self.out_indices)]
+        return modules
 
     # -- forward -----------------------------------------------------------------------------
     def forward_tokens(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None

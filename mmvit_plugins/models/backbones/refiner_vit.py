@@ -423,6 +423,30 @@ class RefinerViT(PyramidBackbone):
         return modules
 
     # -- forward -----------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """As every backbone's, and: in training, every refiner BatchNorm in training mode
+        must see more than one value per channel (its batch statistics)."""
+        super().check_input(x)
+        if not self.training or x.shape[0] != 1:
+            return
+        h, w = (-(-size // PATCH_SIZE) for size in x.shape[-2:])
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            if not (attn.share and attn.adapt_bn.training):
+                continue
+            ws = attn.window_size
+            # maps (B', heads, L, L): one global map of the tokens, or one per window
+            values = (h * w + self.num_extra_tokens)**2 if not ws else \
+                -(-h // ws) * -(-w // ws) * ws**4
+            if values == 1:
+                raise ValueError(
+                    f'RefinerViT in training mode got a batch of 1 image of '
+                    f'{tuple(x.shape[-2:])} pixels: a {h}x{w} token grid gives the BatchNorm '
+                    f'layers of the refiner in block {i} one value per channel, so there are no '
+                    'batch statistics. Use norm_eval=True (BatchNorm layers in eval mode), a '
+                    f'batch of more than 1 image, or images larger than {PATCH_SIZE}x'
+                    f'{PATCH_SIZE} pixels (more than one token)')
+
     def forward_tokens(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None
                        ) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
         """(B, in_channels, H, W) -> the outputs of ``blocks`` (ascending block indices;

@@ -312,6 +312,17 @@ def test_timm_backward_reaches_every_parameter(name):
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen either
 
 
+@pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_torchscript_and_fx_symbolic_tracing_fail_as_documented(name):
+    """docs/timm.md: no TorchScript (Python its compiler rejects), no FX symbolic tracing (shape
+    checks on Proxy objects); the capture paths are torch.compile and ONNX."""
+    model = _create(name).eval()
+    with pytest.raises((RuntimeError, ValueError, AssertionError, TypeError)):
+        torch.jit.script(model)
+    with pytest.raises(ValueError, match=r'input must be a 4-D tensor .*got Proxy'):
+        torch.fx.symbolic_trace(model)
+
+
 def _check_levels(feature_info, outputs, size, batch=1) -> None:
     """timm's assertions on feature maps: one per level, its channels, at most
     ceil(size / reduction) + 1 wide and high, no NaN."""

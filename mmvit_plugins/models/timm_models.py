@@ -64,7 +64,6 @@ class _TimmModel(nn.Module):
     backbone_cls: Type[PyramidBackbone]
     # Top-level (non-backbone) key prefixes of public checkpoints that this model owns.
     head_prefixes: Tuple[str, ...] = ('head.', )
-    feature_info: List[dict]
 
     def _build_backbone(self, in_chans: int, out_indices: Sequence[int], **kwargs) -> None:
         self.stage_indices = check_out_indices(tuple(out_indices), NUM_STAGES)

@@ -2,8 +2,9 @@
 the package as ``mmvit_plugins/.mim``, as OpenMMLab packages do, so that openmim finds them
 (``mim search|train|test mmvit_plugins ...``).
 
-A wheel or sdist build (``pip install .``) copies them there; an editable install
-(``pip install -e .``) links them instead, so that edits show through.
+A wheel or sdist build (``pip install .``) copies them there; an editable install links them
+instead, so that edits show through (``tools/misc/install_editable.sh``, the develop install
+that openmim finds, or ``pip install -e .``, which openmim does not find).
 """
 import os
 import os.path as osp

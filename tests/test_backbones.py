@@ -25,6 +25,11 @@ FROZEN_BY_ONE = {
 }
 
 
+# The largest frozen_stages of each backbone (the plain ViT counts blocks).
+LARGEST_FROZEN = {'BOATSwin': 4, 'BOATCSWin': 4, 'MAFormer': 4,
+                  'RefinerViT': TINY_BACKBONES['RefinerViT']['arch']['num_layers']}
+
+
 def build(name: str, **kwargs) -> torch.nn.Module:
     return getattr(backbones, name)(**{**TINY_BACKBONES[name], **kwargs})
 
@@ -35,7 +40,8 @@ def expected_shapes(model, batch: int, hw) -> list:
 
 
 def test_every_backbone_is_covered():
-    assert NAMES and set(NAMES) == set(TINY_BACKBONES) == set(FROZEN_BY_ONE)
+    assert NAMES and set(NAMES) == set(TINY_BACKBONES) == set(FROZEN_BY_ONE) == \
+        set(LARGEST_FROZEN)
 
 
 @pytest.mark.parametrize('codebase', ['mmdet', 'mmseg'])
@@ -112,6 +118,59 @@ def test_frozen_stages_from_construction_on(name):
     for param_name, param in model.named_parameters():
         assert (param.grad is None) == (param_name in expected), param_name
     assert not _frozen_names(build(name, frozen_stages=-1))
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, )])
+def test_the_largest_frozen_stages_freezes_every_parameter(name, out_indices):
+    """As mmdet's Swin at its largest frozen_stages: nothing trains, output norms (and the
+    plain ViT's pyramid) included, and every module with parameters stays in eval mode."""
+    largest = LARGEST_FROZEN[name]
+    with pytest.raises(ValueError, match='frozen_stages'):
+        build(name, frozen_stages=largest + 1)
+    model = build(name, frozen_stages=largest, out_indices=out_indices)
+    model.init_weights()
+    model.train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+    assert [n for n, m in model.named_modules()  # the root holds RefinerViT's embeddings
+            if n and m.training and any(True for _ in m.parameters(recurse=False))] == []
+    one_less = build(name, frozen_stages=largest - 1, out_indices=out_indices)
+    assert any(p.requires_grad for p in one_less.parameters())
+
+
+def _family_pairs():
+    for own in NAMES:
+        for other in NAMES:
+            if other != own:
+                yield pytest.param(own, other, id=f'{other}-into-{own}')
+
+
+@pytest.mark.parametrize('own,other', list(_family_pairs()))
+def test_weights_of_another_family_are_refused(tmp_path, own, other):
+    """Whatever share of the tensors would match, a checkpoint whose keys name another family
+    never loads: the ValueError of a checkpoint that does not fit."""
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': build(other).state_dict()}, path)
+    model = build(own, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf'{re.escape(str(path))}.*does not fit {own}.*'
+                       r'weights of another family are never loaded'):
+        model.init_weights()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_boat_swin_weights_that_mostly_fit_a_boat_cswin_are_refused(tmp_path):
+    """The issue's case: equal widths, most tensors match."""
+    arch = dict(embed_dims=8, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2))
+    path = tmp_path / 'swin.pth'
+    torch.save({'state_dict': backbones.BOATSwin(arch=arch).state_dict()}, path)
+    model = backbones.BOATCSWin(arch=dict(arch, split_sizes=(1, 2, 7, 7)),
+                                init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match='BOAT-Swin weights, the model is BOAT-CSWin') as err:
+        model.init_weights()
+    matched, total = map(int, re.search(r'\((\d+) of its (\d+) tensors would match\)',
+                                        str(err.value)).groups())
+    assert matched >= total / 2  # the below-50 % rule alone would have loaded the mixture
 
 
 @pytest.mark.parametrize('name', NAMES)

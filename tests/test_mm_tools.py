@@ -140,15 +140,21 @@ def test_image_demo_rejects_bad_arguments(extra, message, capsys):
     assert "IMG 'missing.jpg' is not a file" in capsys.readouterr().err
 
 
-def _installed_copy(tmp_path: Path) -> Path:
-    """``pip install .`` of a copy of the source tree (what git tracks or would track), into a
-    folder to put on PYTHONPATH; the copy keeps the checkout itself untouched."""
+def _source_copy(tmp_path: Path) -> Path:
+    """A copy of the source tree (what git tracks or would track): installs never touch the
+    checkout itself."""
     files = _ok(_run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'])).split()
-    src, site = tmp_path / 'src', tmp_path / 'site'
+    src = tmp_path / 'src'
     for name in files:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
+    return src
+
+
+def _installed_copy(tmp_path: Path) -> Path:
+    """``pip install .`` of a copy of the source tree, into a folder to put on PYTHONPATH."""
+    src, site = _source_copy(tmp_path), tmp_path / 'site'
     _ok(_run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
               '--no-build-isolation', '--no-index', '--target', site, src]))
     return site
@@ -182,3 +188,70 @@ def test_mim_search_train_and_test_the_installed_package(trained, tmp_path):
                    env=env, cwd=tmp_path))
     assert str(mim_dir / 'tools' / 'test.py') in out
     assert re.search(r'mIoU: \d', _log(tmp_path / 'test'))
+
+
+def _without_pythonpath() -> dict:
+    """The environment of a shell in the project's environment: nothing on PYTHONPATH."""
+    return {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+
+
+def _mim_in(python: Path, args, cwd: Path) -> str:
+    proc = subprocess.run([str(python), '-m', 'mim', *map(str, args)], cwd=cwd, text=True,
+                          capture_output=True, timeout=120, env=_without_pythonpath())
+    return _ok(proc)
+
+
+def _check_mim_finds(python: Path, package_dir: Path, cwd: Path) -> None:
+    """mim search lists every config; mim's installed path (where train, test and run take
+    tools/*.py from) is ``package_dir``, whose .mim holds them."""
+    out = _mim_in(python, ['search', 'mmvit_plugins', '--valid-config'], cwd)
+    assert set(re.findall(r"'([\w.]+)'", out)) == {p.stem for p in (ROOT / 'configs').glob('*.py')}
+    found = subprocess.run(
+        [str(python), '-c', 'from mim.utils import get_installed_path as g; '
+         "print(g('mmvit_plugins'))"], cwd=cwd, text=True, capture_output=True, timeout=60,
+        env=_without_pythonpath())
+    _ok(found)
+    assert Path(found.stdout.strip()).resolve() == package_dir.resolve()
+    for tool in ('train.py', 'test.py', 'misc/image_demo.py'):
+        assert (package_dir / '.mim' / 'tools' / tool).is_file(), tool
+    # mim run takes the script from .mim/tools (its -h/--help are mim's own): argparse's
+    # error for the missing arguments comes from image_demo.py itself
+    run = subprocess.run([str(python), '-m', 'mim', 'run', 'mmvit_plugins', 'image_demo'],
+                         cwd=cwd, text=True, capture_output=True, timeout=120,
+                         env=_without_pythonpath())
+    assert 'usage: image_demo.py' in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_mim_finds_the_editable_install_that_setup_env_makes(tmp_path):
+    """tools/misc/install_editable.sh (tools/setup_env.sh's install step) into a fresh
+    environment that reuses this one's packages and holds pip's editable install, which mim
+    misses: afterwards mim finds the checkout's package, and ``import mmvit_plugins`` is the
+    checkout's (edits show through)."""
+    src = _source_copy(tmp_path)
+    venv = tmp_path / 'venv'
+    _ok(_run([sys.executable, '-m', 'venv', '--without-pip', venv]))
+    site = Path(_ok(_run([venv / 'bin' / 'python', '-c',
+                          'import sysconfig; print(sysconfig.get_paths()["purelib"])'])).strip())
+    (site / 'zz_reuse.pth').write_text('\n'.join(sys.path[1:]) + '\n')  # this env's packages
+    python = venv / 'bin' / 'python'
+    # what the environment had before: pip's (PEP 660) editable install, which mim misses
+    _ok(_run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+              '--no-index', '-e', src]))
+    search = subprocess.run([str(python), '-m', 'mim', 'search', 'mmvit_plugins'], cwd=tmp_path,
+                            text=True, capture_output=True, timeout=120, env=_without_pythonpath())
+    assert search.returncode != 0 and 'model_zoo.yml is not found' in search.stderr
+    _ok(_run(['bash', src / 'tools' / 'misc' / 'install_editable.sh', python]))
+    assert not list(site.glob('mmvit_plugins-*.dist-info'))  # the PEP 660 install is gone
+    _check_mim_finds(python, src / 'mmvit_plugins', tmp_path)
+    imported = subprocess.run(
+        [str(python), '-c', 'import mmvit_plugins; print(mmvit_plugins.__file__)'],
+        cwd=tmp_path, text=True, capture_output=True, timeout=120, env=_without_pythonpath())
+    _ok(imported)
+    assert imported.stdout.strip() == str(src / 'mmvit_plugins' / '__init__.py')
+
+
+@pytest.mark.skipif(not (ROOT / '.venv' / '.mmvit_stamp').exists(),
+                    reason='runs in the project environment made by make env')
+def test_mim_works_in_the_project_environment(tmp_path):
+    """`make env`'s .venv, as `make test` and `make demo` use it: mim finds this checkout."""
+    _check_mim_finds(ROOT / '.venv' / 'bin' / 'python', ROOT / 'mmvit_plugins', tmp_path)

@@ -244,6 +244,26 @@ def test_out_indices_and_pyramid_block_indexes():
     assert model.blocks[1].attn.v.weight.grad is not None
 
 
+def test_a_batch_of_one_one_token_image_in_training_names_the_remedies():
+    """Its refiner BatchNorms would see one value per channel (the global sharing block of a
+    1x1 grid): a clear error instead of BatchNorm's, and each remedy works."""
+    kwargs = dict(arch=TINY_ARCH, window_size=4, global_attn_indexes=(2, 3))
+    model = RefinerViT(**kwargs).train()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r'batch of 1 image of \(16, 16\) pixels.*1x1 token grid'
+                       r'.*block 3.*norm_eval=True.*batch of more than 1 image.*larger than '
+                       r'16x16 pixels'):
+        model(x)
+    assert RefinerViT(**kwargs, norm_eval=True).train()(x)[0].shape == (1, 48, 4, 4)
+    assert model(torch.randn(2, 3, 16, 16))[0].shape == (2, 48, 4, 4)
+    assert model(torch.randn(1, 3, 17, 16))[0].shape == (1, 48, 5, 4)
+    assert model.eval()(x)[0].shape == (1, 48, 4, 4)
+    cls_token = RefinerViT(arch=TINY_ARCH, global_attn_indexes='all', with_cls_token=True)
+    assert cls_token.train()(x)[0].shape == (1, 48, 4, 4)  # 2 tokens: 4 values per channel
+    with pytest.raises(ValueError, match='block 1'):
+        RefinerViT(arch=TINY_ARCH, window_size=1, global_attn_indexes=()).train()(x)
+
+
 def test_drop_path_increases_linearly():
     model = RefinerViT(**TINY, drop_path_rate=0.3)
     assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)

@@ -201,6 +201,8 @@ def test_pretrained_cfg_names_the_public_file_and_never_a_download(name):
                 'refiner_vit': ({'s': 0.9, 'm': 1.0, 'l': 1.13}.get(name[-1]), (0.5, ) * 3)}
     crop, mean = expected[family]
     assert cfg['crop_pct'] == crop and tuple(cfg['mean']) == tuple(mean)
+    # forward_features at the input size: a stride-32 map, or tokens (no pool size), as timm's
+    assert cfg['pool_size'] == (None if family == 'refiner_vit' else (7, 7))
     first_conv = model.get_submodule(cfg['first_conv'])
     assert isinstance(first_conv, nn.Conv2d) and first_conv.in_channels == 3
     classifiers = (cfg['classifier'], ) if isinstance(cfg['classifier'], str) \
@@ -231,17 +233,130 @@ def test_full_preset_parameter_counts_on_meta_device(name):
 
 
 # -- the timm model contract -----------------------------------------------------------------
-@pytest.mark.parametrize('name', NAMES)
-def test_logits_and_gradients_reach_every_trained_parameter(name):
-    model = _create(name, num_classes=7, drop_path_rate=0.1)
-    logits = model(torch.randn(2, 3, *SIZE))
-    assert logits.shape == (2, 7)
-    logits.sum().backward()
-    no_grad = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not no_grad  # nothing unused: DDP without find_unused_parameters works
-    frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == (['backbone.out_norm2.weight', 'backbone.out_norm2.bias']
-                      if _family(name) == 'refiner_vit' else [])
+# timm's tests/test_models.py (test_model_default_cfgs[_non_std], test_model_backward,
+# test_model_forward_features, test_model_forward_intermediates[_features]) with their input
+# sizes, at tiny widths: the sizes of a family differ only in their configs (checked for all 13
+# names above), so the forwards run once per family. Refiner-ViT returns tokens from
+# forward_features, as timm's ViTs (NON_STD_FILTERS there); the hierarchical models are standard.
+FAMILY_NAMES = [f'{family}_{sizes[0]}' for family, (_, sizes) in FAMILIES.items()]
+PYRAMID_NAMES = [n for n in FAMILY_NAMES if _family(n) != 'refiner_vit']
+TARGET_BWD_SIZE, TARGET_FFEAT_SIZE = 128, 96
+
+
+def _input_size(model: nn.Module, target: int) -> tuple:
+    return tuple(min(s, target) for s in model.pretrained_cfg['input_size'])
+
+
+@pytest.mark.parametrize('name', PYRAMID_NAMES)
+def test_timm_default_cfgs(name):
+    """timm's test_model_default_cfgs: pool_size is the unpooled feature map of the config's
+    input size, also without pooling and classifier."""
+    model = _create(name).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    state_dict, cfg = model.state_dict(), model.pretrained_cfg
+    pool_size = cfg['pool_size']
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        outputs = model.forward_features(x)
+        outputs_pre = model.forward_head(outputs, pre_logits=True)
+        assert tuple(outputs.shape[2:]) == pool_size == (7, 7)
+        assert outputs.shape[1] == model.num_features
+        assert outputs_pre.shape[1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        outputs = model(x)
+        assert outputs.dim() == 2 and outputs.shape == outputs_pre.shape
+        model.reset_classifier(0, '')
+        outputs = model(x)
+        assert outputs.dim() == 4 and tuple(outputs.shape[2:]) == pool_size
+        outputs = _create(name, num_classes=0, global_pool='').eval()(x)
+        assert outputs.dim() == 4 and tuple(outputs.shape[2:]) == pool_size
+    assert cfg['classifier'] + '.weight' in state_dict
+    assert cfg['first_conv'] + '.weight' in state_dict
+
+
+@pytest.mark.parametrize('name', ['refiner_vit_s'])
+def test_timm_default_cfgs_non_std(name):
+    """timm's test_model_default_cfgs_non_std (token outputs, as its ViTs)."""
+    model = _create(name).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    state_dict, cfg = model.state_dict(), model.pretrained_cfg
+    assert cfg['pool_size'] is None
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        outputs = model.forward_features(x)
+        outputs_pre = model.forward_head(outputs, pre_logits=True)
+        assert outputs.dim() == 3 and outputs.shape[-1] == model.num_features
+        assert outputs_pre.shape[1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        outputs = model(x)
+        assert outputs.shape == outputs_pre.shape == (1, model.head_hidden_size)
+        assert _create(name, num_classes=0).eval()(x).shape == (1, model.num_features)
+    assert all(c + '.weight' in state_dict for c in cfg['classifier'])
+    assert cfg['first_conv'] + '.weight' in state_dict
+
+
+@pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_timm_backward_reaches_every_parameter(name):
+    """timm's test_model_backward: every parameter of the classifier gets a gradient."""
+    model = _create(name, num_classes=42, drop_path_rate=0.1)
+    num_params = sum(p.numel() for p in model.parameters())
+    model.train()
+    outputs = model(torch.randn(2, *_input_size(model, TARGET_BWD_SIZE)))
+    outputs.mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f'No gradient for {n}'
+    assert sum(p.grad.numel() for p in model.parameters()) == num_params
+    assert outputs.shape == (2, 42) and not torch.isnan(outputs).any()
+    assert all(p.requires_grad for p in model.parameters())  # nothing left frozen either
+
+
+@pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_torchscript_and_fx_symbolic_tracing_fail_as_documented(name):
+    """docs/timm.md: no TorchScript (Python its compiler rejects), no FX symbolic tracing (shape
+    checks on Proxy objects); the capture paths are torch.compile and ONNX."""
+    model = _create(name).eval()
+    with pytest.raises((RuntimeError, ValueError, AssertionError, TypeError)):
+        torch.jit.script(model)
+    with pytest.raises(ValueError, match=r'input must be a 4-D tensor .*got Proxy'):
+        torch.fx.symbolic_trace(model)
+
+
+def _check_levels(feature_info, outputs, size, batch=1) -> None:
+    """timm's assertions on feature maps: one per level, its channels, at most
+    ceil(size / reduction) + 1 wide and high, no NaN."""
+    assert len(feature_info.channels()) == len(outputs)
+    for c, r, o in zip(feature_info.channels(), feature_info.reduction(), outputs):
+        assert o.shape[:2] == (batch, c)
+        assert o.shape[2] <= math.ceil(size[0] / r) + 1 and o.shape[3] <= math.ceil(size[1] / r) + 1
+        assert not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_timm_forward_intermediates(name):
+    """timm's test_model_forward_intermediates: by default every feature_info level, and the
+    final output equals forward_features."""
+    model = _create(name).eval()
+    feature_info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert len(feature_info.channels()) >= 3
+    size = _input_size(model, TARGET_FFEAT_SIZE)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        output, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
+        _check_levels(feature_info, intermediates, size[1:])
+        assert torch.allclose(output, model.forward_features(x))
+
+
+@pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_timm_forward_features_and_intermediates_features(name):
+    """timm's test_model_forward_features and test_model_forward_intermediates_features."""
+    for kwargs in (dict(), dict(feature_cls='getter')):
+        model = _create(name, features_only=True, **kwargs).eval()
+        assert len(model.feature_info.channels()) >= 3
+        size = _input_size(model, TARGET_FFEAT_SIZE)
+        with torch.no_grad():
+            _check_levels(model.feature_info, model(torch.randn(1, *size)), size[1:])
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -285,22 +400,124 @@ def test_features_only_equals_the_mm_backbone(name):
     assert [o.shape[1] for o in subset(x)] == subset.feature_info.channels()
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_forward_intermediates(name):
-    model = _create(name, out_indices=(0, 1, 2, 3)).eval()
+@pytest.mark.parametrize('name', PYRAMID_NAMES)
+def test_forward_intermediates_of_the_stages(name):
+    """The four stage outputs; norm=True puts the final norm on the last (timm's rule) in the
+    classifier, each stage's out_norm{i} in a model built with out_indices (the mm maps);
+    indices, stop_early and intermediates_only as timm's."""
+    model = _create(name).eval()
+    features = _create(name, out_indices=(0, 1, 2, 3)).eval()
+    features.load_state_dict(model.state_dict(), strict=False)  # the same trunk, more norms
+    mm = FAMILIES[_family(name)][0](**_mm_kwargs(name), out_indices=(0, 1, 2, 3)).eval()
+    mm.load_state_dict({k[len('backbone.'):]: v for k, v in features.state_dict().items()
+                        if k.startswith('backbone.')})
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
-        final, maps = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
-        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
-    assert [m.shape[1] for m in maps] == [i['num_chs'] for i in model.feature_info]
-    torch.testing.assert_close(last_two, maps[2:])
-    with pytest.raises(ValueError, match='norm=False'):
-        model.forward_intermediates(x, norm=False)
-    with pytest.raises(ValueError, match='output_fmt'):
+        final, raw = model.forward_intermediates(x)
+        _, normed = model.forward_intermediates(x, norm=True)
+        mm_maps = mm(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(normed[3], final, rtol=0, atol=0)
+        for i in range(3):
+            torch.testing.assert_close(normed[i], raw[i], rtol=0, atol=0)
+            assert not torch.allclose(raw[i], mm_maps[i])  # the mm maps are normed
+        torch.testing.assert_close(features.forward_intermediates(x)[1], raw, rtol=0, atol=0)
+        for out, exp in zip(features.forward_intermediates(x, norm=True)[1], mm_maps):
+            torch.testing.assert_close(out, exp, rtol=0, atol=0)
+        for indices, take in ((2, [2, 3]), ((0, -1), [0, 3]), ([1], [1]), (-4, None)):
+            if take is None:
+                with pytest.raises(ValueError, match=r'indices=-4 is invalid.*allowed values'):
+                    model.forward_intermediates(x, indices=indices)
+                continue
+            for stop_early in (False, True):
+                got = model.forward_intermediates(x, indices=indices, stop_early=stop_early,
+                                                  intermediates_only=True)
+                torch.testing.assert_close(got, [raw[i] for i in take], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"output_fmt='NHWC' is invalid"):
         model.forward_intermediates(x, output_fmt='NHWC')
-    with pytest.raises(ValueError, match=r'stages \[0, 1\] are not computed.*features_only'):
-        _create(name).forward_intermediates(x, indices=(0, 1))
+    with pytest.raises(ValueError, match=r'indices=\(4,\) is invalid'):
+        model.forward_intermediates(x, indices=(4, ))
+
+
+def test_stop_early_runs_only_the_stages_asked_for():
+    model = _create('maformer_tiny').eval()
+    ran = []
+    for i, stage in enumerate(model.backbone.stages):
+        stage.register_forward_hook(lambda *_, i=i: ran.append(i))
+    with torch.no_grad():
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, ), stop_early=True,
+                                    intermediates_only=True)
+        assert ran == [0, 1]
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, ), stop_early=True)
+    assert ran == [0, 1, 0, 1, 2, 3]  # the final features need every stage
+
+
+def test_forward_intermediates_of_refiner_blocks():
+    """Refiner-ViT's classifier: one level per block as timm's ViT (stride 16, patch tokens as
+    maps, the class token on request, norm=True through the final norm)."""
+    model = _create('refiner_vit_s').eval()
+    blocks = REFINER_ARCH['num_layers']
+    assert [(i['num_chs'], i['reduction']) for i in model.feature_info] == \
+        [(REFINER_ARCH['embed_dims'], 16)] * blocks
+    x = torch.randn(2, 3, *SIZE)
+    h, w = math.ceil(SIZE[0] / 16), math.ceil(SIZE[1] / 16)
+    with torch.no_grad():
+        tokens, _ = model.backbone.forward_tokens(x, tuple(range(blocks)))
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(final, model.norm(tokens[-1]), rtol=0, atol=0)
+        for t, m in zip(tokens, maps):
+            torch.testing.assert_close(
+                m, t[:, 1:].reshape(2, h, w, -1).permute(0, 3, 1, 2), rtol=0, atol=0)
+        pairs = model.forward_intermediates(x, indices=1, norm=True, return_prefix_tokens=True,
+                                            output_fmt='NLC', intermediates_only=True)
+        (nlc, prefix), = pairs
+        torch.testing.assert_close(nlc, model.norm(tokens[-1])[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(prefix, final[:, :1], rtol=0, atol=0)
+        early = model.forward_intermediates(x, indices=(0, ), stop_early=True,
+                                            intermediates_only=True)
+        torch.testing.assert_close(early, maps[:1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"output_fmt='NHWC' is invalid"):
+        model.forward_intermediates(x, output_fmt='NHWC')
+
+
+def test_forward_intermediates_of_the_refiner_pyramid():
+    """A Refiner-ViT built with out_indices (features_only) has the pyramid levels; norm=False
+    gives them before out_norm{i}; levels not built are refused by name."""
+    model = _create('refiner_vit_s', out_indices=(0, 1, 2, 3)).eval()
+    assert [i['reduction'] for i in model.feature_info] == [4, 8, 16, 32]
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        final, normed = model.forward_intermediates(x, norm=True)
+        torch.testing.assert_close(final, model.forward_features(x))
+        for out, exp in zip(normed, model.backbone(x)):
+            torch.testing.assert_close(out, exp, rtol=0, atol=0)
+        raw = model.forward_intermediates(x, intermediates_only=True)
+        for i, (out, exp) in enumerate(zip(raw, normed)):
+            torch.testing.assert_close(getattr(model.backbone, f'out_norm{i}')(out), exp)
+    subset = _create('refiner_vit_s', out_indices=(1, 3))
+    with pytest.raises(ValueError, match=r'pyramid levels \[0, 2\] are not built'):
+        subset.forward_intermediates(x)
+    with pytest.raises(ValueError, match='return_prefix_tokens'):
+        model.forward_intermediates(x, return_prefix_tokens=True)
+
+
+@pytest.mark.parametrize('name', ['boat_swin_tiny', 'refiner_vit_s'])
+def test_features_only_without_norms(name):
+    """feature_cfg=dict(norm=False): timm's FeatureGetterNet asks for the maps before their
+    norms and prunes the norms."""
+    normed = _create(name, features_only=True).eval()
+    raw = _create(name, features_only=True, feature_cfg=dict(norm=False)).eval()
+    assert not any('.out_norm' in k for k in raw.state_dict())
+    raw.load_state_dict(normed.state_dict(), strict=False)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        for i, (out, exp) in enumerate(zip(raw(x), normed(x))):
+            norm = getattr(normed.model.backbone, f'out_norm{i}')
+            if _family(name) == 'refiner_vit':
+                torch.testing.assert_close(norm(out), exp)
+            else:
+                torch.testing.assert_close(norm(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), exp)
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -316,7 +533,9 @@ def test_loads_the_public_checkpoint_file_like_the_mm_backbone(tmp_path, name):
                 init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     mm.init_weights()
     own = model.state_dict()
-    expected = {**{f'backbone.{k}': v for k, v in mm.state_dict().items()},
+    # the Refiner-ViT classifier has no pyramid norm (its out_norm2 is an Identity)
+    expected = {**{f'backbone.{k}': v for k, v in mm.state_dict().items()
+                   if not (_family(name) == 'refiner_vit' and k.startswith('out_norm'))},
                 **_head_tensors(name, state)}
     assert sorted(own) == sorted(expected)
     for key, value in expected.items():
@@ -437,6 +656,13 @@ def test_filter_is_idempotent_on_own_and_converted_checkpoints():
     for other in (twice, converted):
         assert other.keys() == once.keys()
         assert all(torch.equal(other[k], once[k]) for k in once)
+
+
+def test_filter_refuses_the_weights_of_another_family():
+    model = _create('boat_cswin_tiny', num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r'holds BOAT-Swin weights .*the model is BOAT-CSWin: '
+                       'weights of another family are never loaded'):
+        checkpoint_filter_fn(_public_checkpoint('boat_swin_tiny'), model)
 
 
 def test_filter_never_fills_the_final_norm():

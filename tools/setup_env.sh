@@ -35,7 +35,8 @@ mmcv_version=$(pinned "$req/mmcv.txt" mmcv)
 # A stamp of every file that decides the environment's content: unchanged stamp + passing checks
 # means nothing to do.
 stamp_file=$venv/.mmvit_stamp
-stamp=$(cat "$req"/*.txt "$repo/setup.cfg" "$repo/setup.py" "$repo/pyproject.toml" "$0" |
+stamp=$(cat "$req"/*.txt "$repo/setup.cfg" "$repo/setup.py" "$repo/pyproject.toml" "$0" \
+    "$repo/tools/misc/install_editable.sh" |
     sha256sum | cut -d' ' -f1)
 
 check_stack() {
@@ -68,6 +69,13 @@ if pooled.shape != (1, 1, 2, 2) or not torch.isfinite(pooled).all():
 import mmdet
 import mmseg
 import mmvit_plugins  # noqa: F401
+import os.path as osp
+
+from mim.utils import get_installed_path
+
+index = osp.join(get_installed_path('mmvit_plugins'), '.mim', 'model-index.yml')
+if not osp.isfile(index):
+    sys.exit(f'mim does not find mmvit_plugins: no {index} (a pip install -e? run setup_env.sh)')
 
 print(f'torch {torch.__version__} | mmcv {mmcv.__version__} (ops ok) | mmdet {mmdet.__version__}'
       f' | mmseg {mmseg.__version__} | mmvit_plugins {mmvit_plugins.__version__}')
@@ -148,8 +156,10 @@ say "installing mmengine, mmdet, mmseg, timm, mmdeploy with onnxruntime, and tes
 constraints=$(mktemp)
 cat "$req/torch.txt" "$req/mmcv.txt" >"$constraints"
 "${pip[@]}" install -q -c "$constraints" -r "$req/runtime.txt" -r "$req/tests.txt" -r "$req/deploy.txt"
-"${pip[@]}" install -q -c "$constraints" --no-deps -e "$repo"
 rm -f "$constraints"
+# editable, and found by mim (search/train/test/run): see the script
+bash "$repo/tools/misc/install_editable.sh" "$venv/bin/python" ||
+    die "the editable install of $repo failed" "run: bash $repo/tools/misc/install_editable.sh $venv/bin/python"
 
 # --- verify ----------------------------------------------------------------------------------------
 errors=$(mktemp)

@@ -3,7 +3,9 @@
 ``timm.create_model('boat_cswin_tiny')`` is the dense backbone's trunk plus the public model's
 final norm and classifier, so a converted public checkpoint gives the papers' logits (and
 ``python -m timm validate``-style evaluation); ``features_only=True`` gives the mm backbone's
-four maps (strides 4/8/16/32, each after its ``out_norm{i}``) at any input size. Keyword
+four maps (strides 4/8/16/32, each after its ``out_norm{i}``) at any input size;
+``forward_intermediates`` follows timm's conventions (every ``feature_info`` level by default,
+``indices``, ``norm``, ``stop_early``, ``intermediates_only``). Keyword
 arguments of ``create_model`` go to the backbone (``arch=dict(...)``, ``drop_path_rate``,
 ``window_size``, ...). Nothing is ever downloaded: ``pretrained=True`` reads the file named by
 the pretrained config, ``pretrained_cfg_overlay=dict(file=path)`` (see ``docs/timm.md``).
@@ -14,7 +16,7 @@ average pool -> Linear ``head.fc``) and ``refiner_vit_{s,m,l}`` (class token, fi
 ``head`` on the class token plus half the maximum over the patch tokens of ``aux_head``).
 """
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from mmengine.logging import print_log
@@ -26,10 +28,14 @@ from timm.data import (
 )
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # not exported by timm.models
 from torch import nn
 
+from mmvit_plugins.utils.checkpoint import describe_keys, key_family
+
 from .backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from .backbones.base import PyramidBackbone, check_out_indices
+from .backbones.base import PyramidBackbone, check_out_indices, output_dtype
+from .backbones.refiner_vit import PATCH_SIZE
 
 __all__ = ['PyramidClassifier', 'RefinerViTClassifier', 'checkpoint_filter_fn']
 
@@ -49,10 +55,12 @@ def _init_linear(module: nn.Module) -> None:
 
 class _TimmModel(nn.Module):
     """What the timm models share: the mm backbone as ``self.backbone`` built with
-    ``out_indices`` (its per-stage norms exist only for those stages), ``feature_info`` of all four
-    stages, ``forward_intermediates`` (the backbone's maps), pruning for ``features_only`` and
-    checkpoint key mapping (see :func:`checkpoint_filter_fn`). Subclasses define the classifier:
-    ``forward_features``, ``forward_head``, ``get_classifier`` and ``reset_classifier``."""
+    ``out_indices`` (its per-stage norms exist only for those stages), ``forward_intermediates``
+    and ``prune_intermediate_layers`` as timm defines them (over ``feature_info``, see
+    :func:`timm.models._features.feature_take_indices`), and checkpoint key mapping (see
+    :func:`checkpoint_filter_fn`). Subclasses define ``feature_info``, the classifier
+    (``forward_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``) and
+    ``_intermediates``."""
     backbone_cls: Type[PyramidBackbone]
     # Top-level (non-backbone) key prefixes of public checkpoints that this model owns.
     head_prefixes: Tuple[str, ...] = ('head.', )
@@ -61,12 +69,13 @@ class _TimmModel(nn.Module):
         self.stage_indices = check_out_indices(tuple(out_indices), NUM_STAGES)
         self.backbone = self.backbone_cls(in_channels=in_chans, out_indices=self.stage_indices,
                                           **kwargs)
-        widths = list(self.backbone.num_features)
-        self.feature_info = [
-            dict(num_chs=width, reduction=stride, module=f'{_BACKBONE}out_norm{i}')
-            for i, (width, stride) in enumerate(zip(widths, STAGE_STRIDES))
-        ]
-        self.num_features = self.head_hidden_size = widths[-1]
+        self.num_features = self.head_hidden_size = self.backbone.num_features[-1]
+
+    def _pyramid_feature_info(self) -> List[dict]:
+        """The four levels of the mm backbone (strides 4, 8, 16, 32)."""
+        return [dict(num_chs=width, reduction=stride, module=f'{_BACKBONE}stages.{i}')
+                for i, (width, stride) in enumerate(zip(self.backbone.num_features,
+                                                        STAGE_STRIDES))]
 
     # -- timm API ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,62 +88,54 @@ class _TimmModel(nn.Module):
         return {name for name, _ in self.named_parameters()
                 if name.rsplit('.', 1)[-1] in _NO_WEIGHT_DECAY}
 
-    def _take_indices(self, indices: Union[None, int, Sequence[int]]) -> List[int]:
-        """timm's ``indices`` (None: every built stage; n: the last n stages; a sequence)
-        -> sorted stage indices, each one the backbone was built to return."""
-        if indices is None:
-            return list(self.stage_indices)
-        if isinstance(indices, int):
-            if not 0 < indices <= NUM_STAGES:
-                raise ValueError(f'indices={indices} is invalid; allowed values: 1 to '
-                                 f'{NUM_STAGES} (the last n stages) or a sequence of stages')
-            indices = range(NUM_STAGES - indices, NUM_STAGES)
-        take = check_out_indices(tuple(indices), NUM_STAGES)
-        missing = sorted(set(take) - set(self.stage_indices))
-        if missing:
-            raise ValueError(
-                f'stages {missing} are not computed: the backbone was built with out_indices='
-                f'{self.stage_indices}; create the model with features_only=True and '
-                f'out_indices={tuple(take)} (or out_indices=... without features_only)')
-        return list(take)
+    def _take_indices(self, indices: Union[None, int, Sequence[int]]) -> Tuple[List[int], int]:
+        """timm's ``indices`` over ``feature_info`` (None: all; n: the last n; a sequence,
+        negative allowed) -> (sorted indices, the largest)."""
+        num = len(self.feature_info)
+        try:
+            take, _ = feature_take_indices(num, indices)
+        except (AssertionError, TypeError) as err:
+            raise ValueError(f'indices={indices!r} is invalid ({err}); allowed values: None '
+                             f'(all {num} levels of feature_info), n in [1, {num}] (the last n) '
+                             f'or a sequence of indices in [{-num}, {num - 1}]') from err
+        take = sorted(set(take))
+        return take, take[-1]
 
     def forward_intermediates(
             self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
-            norm: bool = True, stop_early: bool = False, output_fmt: str = 'NCHW',
+            norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
             intermediates_only: bool = False
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """(B, in_chans, H, W) -> the mm backbone's maps (B, C_i, ceil(H/s_i), ceil(W/s_i)),
-        s_i = 4 * 2**i, for the stages in ``indices``; with ``forward_features(x)`` first
-        unless ``intermediates_only``.
+        """(B, in_chans, H, W) -> the maps of the ``feature_info`` levels in ``indices``
+        (default: all), each (B, num_chs, ceil(H/r), ceil(W/r)) for its reduction r, preceded
+        by ``forward_features(x)`` unless ``intermediates_only``.
 
-        Every map is its stage's output after the stage's own norm ``out_norm{i}``, as the mm
-        backbone returns it, so ``norm`` must be True (pre-norm maps are not exposed by the
-        backbones). ``stop_early`` changes nothing: the backbone always runs its stages.
+        ``norm=True`` passes each map through the norm the model holds for it (see the
+        subclass); ``stop_early`` skips what follows the last requested level when only the
+        intermediates are returned (the final features need the whole trunk).
         """
-        if not norm:
-            raise ValueError('norm=False is not supported: every stage map passes through its '
-                             'norm out_norm{i}, as the mm backbone returns it')
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r} is invalid; allowed values: 'NCHW'")
-        take = self._take_indices(indices)
-        maps = dict(zip(self.stage_indices, self.backbone(x)))
-        intermediates = [maps[i] for i in take]
-        if intermediates_only:
-            return intermediates
-        return self._final_features(x, maps), intermediates
+        take, last = self._take_indices(indices)
+        return self._intermediates(x, take, norm, last if stop_early and intermediates_only
+                                   else None, intermediates_only)
 
-    def _final_features(self, x: torch.Tensor, maps: Dict[int, torch.Tensor]) -> torch.Tensor:
-        """``forward_features(x)``, from the stage maps where they hold it (else a second pass:
-        Refiner-ViT's tokens are not among its maps)."""
-        return self.forward_features(x)
+    def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
+                       stop: Optional[int], intermediates_only: bool
+                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        raise NotImplementedError
 
     def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> List[int]:
-        """For a feature extractor: drop the classifier (``prune_head``), return the stage
-        indices. The per-stage norms are part of the stage maps; ``prune_norm`` keeps them."""
-        take = self._take_indices(indices)
+        """For a feature extractor (timm's ``FeatureGetterNet``): drop the classifier
+        (``prune_head``) and the norms of the maps (``prune_norm``, for ``norm=False``);
+        return the indices. The trunk is kept whole (frozen stages index into it)."""
+        take, _ = self._take_indices(indices)
         if prune_head:
             self.reset_classifier(0, '')
+        if prune_norm:
+            for i in self.stage_indices:
+                self.backbone.add_module(f'out_norm{i}', nn.Identity())
         return take
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -158,7 +159,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     (``backbone.`` prefix removed) goes through the backbone's ``convert_checkpoint``, the only
     copy of the public key rules (e.g. BOAT's public final ``norm`` -> ``out_norm3``). Backbone
     keys public checkpoints never hold (the norms of the other stages, Refiner-ViT's pyramid)
-    keep the model's initial values, as the mm backbone's loader leaves them.
+    keep the model's initial values, as the mm backbone's loader leaves them; such keys of an
+    mm backbone checkpoint that the model does not have (e.g. the pyramid of a Refiner-ViT
+    classifier) are dropped.
     """
     head, trunk = {}, {}
     for key, value in state_dict.items():
@@ -168,9 +171,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
             head[model.head_key(key)] = value
         else:
             trunk[key] = value
+    own = model.backbone.state_dict()
+    family, own_family = key_family(trunk), key_family(own)
+    if family is not None and own_family is not None and family != own_family:
+        raise ValueError(f'{type(model).__name__}: the checkpoint holds {family} weights '
+                         f'({describe_keys(trunk)}), the model is {own_family}: weights of '
+                         'another family are never loaded')
     converted = model.backbone.convert_checkpoint(trunk)
+    converted = {k: v for k, v in converted.items()
+                 if k in own or not k.startswith(model.backbone._keys_not_in_public_checkpoints)}
     filled = []
-    for key, value in model.backbone.state_dict().items():
+    for key, value in own.items():
         if key not in converted and model.fill_from_init(key):
             converted[key] = value
             filled.append(key)
@@ -186,6 +197,12 @@ class PyramidClassifier(_TimmModel):
     Logits as the public BOAT models compute them: stage 3 -> its norm ``out_norm3`` (the
     public final ``norm``) -> global average pooling -> Linear ``head.fc``. MAFormer has no
     public code; it gets the same head.
+
+    ``feature_info`` lists the four stages (strides 4, 8, 16, 32). ``forward_intermediates``
+    returns the stage outputs; with ``norm=True`` each passes through its norm ``out_norm{i}``
+    where the model has one: the classifier only the final norm ``out_norm3`` (timm's rule:
+    the final norm on the last stage), a model built with ``out_indices`` (``features_only``)
+    one per stage in it, which gives the mm backbone's maps.
 
     Args:
         num_classes: classes of ``head.fc``; 0 for pooled features of ``num_features`` width.
@@ -203,22 +220,47 @@ class PyramidClassifier(_TimmModel):
         super().__init__()
         self._build_backbone(in_chans, (self._final_stage, ) if out_indices is None
                              else out_indices, **kwargs)
+        self.feature_info = self._pyramid_feature_info()
         self.num_classes = num_classes
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
                                    input_fmt='NCHW')
         self.head.apply(_init_linear)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> the normed last stage map (B, num_features, H/32, W/32)."""
+    def _check_final_stage(self) -> None:
         if self._final_stage not in self.stage_indices:
             raise ValueError(f'the classifier reads stage {self._final_stage}, but the backbone '
                              f'was built with out_indices={self.stage_indices}')
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> the normed last stage map (B, num_features, H/32, W/32)."""
+        self._check_final_stage()
         return self.backbone(x)[-1]
 
-    def _final_features(self, x: torch.Tensor, maps: Dict[int, torch.Tensor]) -> torch.Tensor:
-        if self._final_stage in maps:
-            return maps[self._final_stage]
-        return self.forward_features(x)
+    def _stage_map(self, i: int, out: torch.Tensor, norm: bool,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Stage ``i``'s (B, h, w, C) output -> (B, C, h, w), through ``out_norm{i}`` if
+        ``norm`` and the model has it (as the backbone's forward)."""
+        if norm and hasattr(self.backbone, f'out_norm{i}'):
+            out = getattr(self.backbone, f'out_norm{i}')(out)
+        return out.permute(0, 3, 1, 2).contiguous().to(dtype)
+
+    def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
+                       stop: Optional[int], intermediates_only: bool
+                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        if not intermediates_only:
+            self._check_final_stage()
+        backbone = self.backbone
+        backbone.check_input(x)
+        dtype = output_dtype(x)
+        x = backbone.embed_drop(backbone.patch_embed(x))
+        intermediates = []
+        for i, stage in enumerate(backbone.stages[:NUM_STAGES if stop is None else stop + 1]):
+            out, x = stage(x)
+            if i in take:
+                intermediates.append(self._stage_map(i, out, norm, dtype))
+        if intermediates_only:
+            return intermediates
+        return self._stage_map(self._final_stage, out, True, dtype), intermediates
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> logits (B, num_classes), or pooled (B, C) if ``pre_logits``."""
@@ -262,6 +304,12 @@ class RefinerViTClassifier(_TimmModel):
     formula in training mode: the public token-labelling training (MixToken, dense targets)
     is not reproduced.
 
+    ``feature_info`` and ``forward_intermediates`` follow timm's ViT: one level per block
+    (stride 16), the patch tokens as (B, C, h, w) maps, ``norm=True`` through the final
+    ``norm``. A model built with ``out_indices`` (``features_only``) instead has the mm
+    backbone's pyramid: four levels (strides 4, 8, 16, 32), of which those in ``out_indices``
+    are built, ``norm=True`` through their ``out_norm{i}``.
+
     Args:
         num_classes: classes of both heads; 0 for pooled features (``num_features`` wide).
         in_chans: image channels.
@@ -271,8 +319,9 @@ class RefinerViTClassifier(_TimmModel):
         drop_rate: dropout before the heads (the backbone has no dropout).
         return_dense: build ``aux_head`` (as the public ``return_dense``).
         out_indices: pyramid levels the backbone returns (its ``forward``, used by
-            ``features_only``); default ``(2,)``, whose norm ``backbone.out_norm2`` is then not
-            part of the classifier and is frozen (``requires_grad=False``).
+            ``features_only``). Default: none; the backbone then returns its stride-16 level
+            without a norm (``out_norm2`` is ``nn.Identity``), which the classifier does not
+            use, so that every parameter of the classifier is trained.
         with_cls_token, global_attn_indexes: the backbone's, defaults as the public classifier
             (a class token, global attention in every block).
         **kwargs: the backbone's other arguments (``arch``, ``drop_path_rate``, ...).
@@ -288,11 +337,18 @@ class RefinerViTClassifier(_TimmModel):
                  with_cls_token: bool = True,
                  global_attn_indexes: Union[None, str, Sequence[int]] = 'all', **kwargs):
         super().__init__()
+        self.pyramid_levels = out_indices is not None
         self._build_backbone(in_chans, (self._unused_level, ) if out_indices is None
                              else out_indices, with_cls_token=with_cls_token,
                              global_attn_indexes=global_attn_indexes, **kwargs)
-        if out_indices is None:
-            self.backbone.get_submodule(f'out_norm{self._unused_level}').requires_grad_(False)
+        if self.pyramid_levels:
+            self.feature_info = self._pyramid_feature_info()
+        else:
+            # the stride-16 level needs no parameters but its norm
+            self.backbone.add_module(f'out_norm{self._unused_level}', nn.Identity())
+            self.feature_info = [
+                dict(num_chs=self.num_features, reduction=PATCH_SIZE,
+                     module=f'{_BACKBONE}blocks.{i}') for i in range(self.backbone.num_layers)]
         last = self.backbone.num_layers - 1
         fed = {self.backbone.pyramid_block_indexes[i] for i in self.stage_indices}
         if last not in fed:
@@ -330,8 +386,86 @@ class RefinerViTClassifier(_TimmModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normed tokens of the last block (B, extra + h*w, C), class
         token first."""
-        tokens, _ = self.backbone.forward_tokens(x)
+        tokens, _ = self.backbone.forward_tokens(x, (self.backbone.num_layers - 1, ))
         return self.norm(tokens[-1])
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
+            return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+            output_fmt: str = 'NCHW', intermediates_only: bool = False
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """As the base; as timm's ViT, ``return_prefix_tokens`` pairs each block's map with
+        its class token (B, 1, C), and ``output_fmt='NLC'`` keeps the (B, h*w, C) tokens
+        (both only for the block levels, not the pyramid)."""
+        allowed = ('NCHW', ) if self.pyramid_levels else ('NCHW', 'NLC')
+        if output_fmt not in allowed:
+            raise ValueError(f'output_fmt={output_fmt!r} is invalid; allowed values: {allowed}')
+        if return_prefix_tokens and self.pyramid_levels:
+            raise ValueError('return_prefix_tokens=True is invalid for the pyramid levels of a '
+                             'model built with out_indices (features_only): they hold no '
+                             'class token')
+        take, last = self._take_indices(indices)
+        stop = last if stop_early and intermediates_only else None
+        if self.pyramid_levels:
+            return self._intermediates(x, take, norm, stop, intermediates_only)
+        return self._block_intermediates(x, take, norm, stop, intermediates_only,
+                                         return_prefix_tokens, output_fmt == 'NCHW')
+
+    def _block_intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
+                             stop: Optional[int], intermediates_only: bool,
+                             return_prefix_tokens: bool, reshape: bool) -> Any:
+        """timm's ViT ``forward_intermediates`` over the blocks."""
+        last = self.backbone.num_layers - 1
+        blocks = sorted(set(take) | ({last} if stop is None and not intermediates_only
+                                     else set()))
+        tokens, (h, w) = self.backbone.forward_tokens(x, blocks)
+        by_block = dict(zip(blocks, tokens))
+        intermediates = []
+        for i in take:
+            t = self.norm(by_block[i]) if norm else by_block[i]
+            prefix, t = t[:, :self.num_extra_tokens], t[:, self.num_extra_tokens:]
+            if reshape:
+                t = t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append((t, prefix) if return_prefix_tokens else t)
+        if intermediates_only:
+            return intermediates
+        return self.norm(by_block[last]), intermediates
+
+    def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
+                       stop: Optional[int], intermediates_only: bool
+                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The pyramid levels in ``take`` (each built: in ``out_indices``)."""
+        missing = sorted(set(take) - set(self.stage_indices))
+        if missing:
+            raise ValueError(
+                f'pyramid levels {missing} are not built: the backbone was built with '
+                f'out_indices={self.stage_indices}; create the model with features_only=True '
+                f'and out_indices={tuple(take)}')
+        if norm:
+            maps = dict(zip(self.stage_indices, self.backbone(x)))
+        else:
+            maps = self._pyramid_without_norms(x)
+        intermediates = [maps[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return self.forward_features(x), intermediates
+
+    def _pyramid_without_norms(self, x: torch.Tensor) -> Dict[int, torch.Tensor]:
+        """The backbone's forward without its ``out_norm{i}``: level -> (B, C, h_i, w_i)."""
+        backbone = self.backbone
+        dtype, size = output_dtype(x), x.shape[-2:]
+        tokens, (h, w) = backbone.forward_tokens(x)
+        by_block = dict(zip(backbone._feature_blocks, tokens))
+        feats = []
+        for i in self.stage_indices:
+            t = by_block[backbone.pyramid_block_indexes[i]][:, self.num_extra_tokens:]
+            feats.append(t.transpose(1, 2).reshape(t.shape[0], self.num_features, h, w))
+        maps = {}
+        for i, out in zip(self.stage_indices, backbone.pyramid(feats)):
+            stride = STAGE_STRIDES[i]
+            maps[i] = out[..., :-(-size[0] // stride), :-(-size[1] // stride)].contiguous().to(
+                dtype)
+        return maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, extra + N, C) normed tokens -> logits (B, num_classes), or the pooled token
@@ -357,10 +491,11 @@ class RefinerViTClassifier(_TimmModel):
 
     def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> List[int]:
-        """As the base; the final ``norm`` normalises only the heads' input, so it goes with
-        the heads."""
-        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
-        if prune_head:
+        """As the base, and the final ``norm``: with ``prune_norm`` (as timm's ViT); for the
+        pyramid levels, which it does not normalise, also with ``prune_head``."""
+        take = super().prune_intermediate_layers(
+            indices, prune_norm and self.pyramid_levels, prune_head)
+        if prune_norm or (prune_head and self.pyramid_levels):
             self.norm = nn.Identity()
         return take
 
@@ -370,10 +505,15 @@ _BOAT_REPO = 'https://github.com/mahaoyuHKU/pytorch-boat'
 _REFINER_REPO = 'https://github.com/zhoudaquan/Refiner_ViT'
 
 
+# The pyramid classifiers' forward_features map at the configs' 224x224 input (stride 32).
+_POOL_SIZE = (224 // STAGE_STRIDES[-1], ) * 2
+
+
 def _cfg(file: Optional[str] = None, **kwargs) -> dict:
     """A pretrained config that never downloads: no ``url``/``hf_hub_id``; ``file`` is the
     public checkpoint's file name as published (read from the working directory unless
-    ``pretrained_cfg_overlay=dict(file=path)``)."""
+    ``pretrained_cfg_overlay=dict(file=path)``). ``pool_size`` stays None for Refiner-ViT,
+    whose ``forward_features`` returns tokens (as timm's ViTs)."""
     return {**dict(url='', hf_hub_id=None, file=file, num_classes=1000,
                    input_size=(3, 224, 224), pool_size=None, interpolation='bicubic',
                    first_conv='backbone.patch_embed.proj', classifier='head.fc'), **kwargs}
@@ -381,6 +521,7 @@ def _cfg(file: Optional[str] = None, **kwargs) -> dict:
 
 def _boat(file: str, link: str, **kwargs) -> dict:
     return _cfg(file, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, license='mit',
+                pool_size=_POOL_SIZE,
                 paper_ids='arXiv:2201.13027', origin_url=f'{link} (from {_BOAT_REPO})', **kwargs)
 
 
@@ -393,7 +534,7 @@ def _refiner(crop_pct: float, **kwargs) -> dict:
 
 def _maformer() -> dict:
     return _cfg(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.9,
-                paper_ids='arXiv:2209.01620',
+                pool_size=_POOL_SIZE, paper_ids='arXiv:2209.01620',
                 notes=('no public code or checkpoint; crop and mean/std chosen as CSWin', ))
 
 
@@ -436,16 +577,17 @@ def _create(cls: Type[_TimmModel], variant: str, preset: str, pretrained: bool,
     feature_cfg = dict(kwargs.pop('feature_cfg', None) or {})
     if kwargs.get('features_only'):
         feature_cls = kwargs.pop('feature_cls', feature_cfg.pop('feature_cls', 'getter'))
-        if feature_cls != 'getter' or not feature_cfg.get('norm', True):
-            raise ValueError(f"feature_cls={feature_cls!r}, feature_cfg={feature_cfg} are "
-                             "invalid; allowed values: feature_cls='getter' with norm=True (the "
-                             "backbone's stages are no sequential modules; their maps are "
-                             'always normed)')
+        if feature_cls != 'getter':
+            raise ValueError(f"feature_cls={feature_cls!r} is invalid; allowed values: 'getter' "
+                             "(the backbone's stages are no sequential modules that hooks could "
+                             'read)')
         out_indices = check_out_indices(kwargs.get('out_indices', tuple(range(NUM_STAGES))),
                                         NUM_STAGES)
         kwargs['out_indices'] = out_indices  # timm's builder moves it to the feature wrapper
         model_cls = partial(cls, out_indices=out_indices)
-    feature_cfg.update(feature_cls='getter', norm=True)
+    # norm=True (default): the mm backbone's maps, each after its out_norm{i}
+    feature_cfg.setdefault('norm', True)
+    feature_cfg['feature_cls'] = 'getter'
     return build_model_with_cfg(model_cls, variant, pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=feature_cfg, **kwargs)

@@ -5,6 +5,7 @@ from .checkpoint import (
     describe_keys,
     extract_state_dict,
     file_sha256,
+    key_family,
     load_checkpoint_file,
     load_state_dict_report,
     safe_globals,
@@ -13,6 +14,6 @@ from .checkpoint import (
 
 __all__ = [
     'LoadReport', 'UnsafeCheckpointError', 'check_finite', 'describe_keys', 'extract_state_dict',
-    'file_sha256', 'load_checkpoint_file', 'load_state_dict_report', 'safe_globals',
+    'file_sha256', 'key_family', 'load_checkpoint_file', 'load_state_dict_report', 'safe_globals',
     'safe_mmengine_loading'
 ]

@@ -526,14 +526,26 @@ _LAYOUTS = (
 )
 
 
-def describe_keys(state_dict: Mapping[str, Any]) -> str:
-    """Which family and layout the keys of a state dict look like, with width and depths."""
+def _layout(state_dict: Mapping[str, Any]) -> Optional[_Layout]:
+    """The layout most keys of a state dict have the signature of; None if no key has one."""
     counts = [sum(1 for key in state_dict if re.search(layout.signature, key))
               for layout in _LAYOUTS]
-    if not any(counts):
+    return _LAYOUTS[counts.index(max(counts))] if any(counts) else None
+
+
+def key_family(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """The backbone family ('BOAT-Swin', 'BOAT-CSWin', 'Refiner-ViT', 'MAFormer') whose keys a
+    state dict holds, in any layout; None if it looks like none of them."""
+    layout = _layout(state_dict)
+    return None if layout is None else layout.name.split(',')[0]
+
+
+def describe_keys(state_dict: Mapping[str, Any]) -> str:
+    """Which family and layout the keys of a state dict look like, with width and depths."""
+    layout = _layout(state_dict)
+    if layout is None:
         return ('none of BOAT-Swin, BOAT-CSWin, Refiner-ViT or MAFormer (its first keys: '
                 f'{_listed(list(state_dict), 4)})')
-    layout = _LAYOUTS[counts.index(max(counts))]
     details = []
     width = state_dict.get(layout.width)
     if isinstance(width, torch.Tensor) and width.dim() > 0:
@@ -609,7 +621,9 @@ def load_state_dict_report(module: nn.Module,
         convert: maps the checkpoint's keys/tensors onto the module's first (a backbone's
             ``convert_checkpoint``); errors in it are reported with the checkpoint's name.
         min_loaded: the smallest share of the module's tensors that must load; below it a
-            ValueError names the checkpoint, the count and the family its keys look like.
+            ValueError names the checkpoint, the count and the family its keys look like. The
+            same ValueError refuses a checkpoint whose keys name another family than the
+            module's (whatever share would load): training never starts from a mixture.
         source: the state dict as the checkpoint holds it, when ``state_dict`` was converted
             already (for the family in messages).
     """
@@ -632,10 +646,16 @@ def load_state_dict_report(module: nn.Module,
     missing = [k for k in own if k not in state_dict and not any(s in k for s in ignore_missing)]
     report = LoadReport(missing, unexpected, mismatched, len(loadable), len(own))
     cls = type(module).__name__
-    if len(loadable) < min_loaded * len(own):
+    family, own_family = key_family(source), key_family(own)
+    other_family = family is not None and own_family is not None and family != own_family
+    if other_family or len(loadable) < min_loaded * len(own):
+        why = (f'its keys are {family} weights, the model is {own_family}: weights of another '
+               f'family are never loaded ({len(loadable)} of its {len(own)} tensors would match)'
+               if other_family else
+               f'only {len(loadable)} of its {len(own)} tensors matched (fewer than '
+               f'{min_loaded:.0%})')
         raise ValueError(
-            f'checkpoint {name!r} does not fit {cls}: only {len(loadable)} of its {len(own)} '
-            f'tensors matched (fewer than {min_loaded:.0%}). The checkpoint looks like '
+            f'checkpoint {name!r} does not fit {cls}: {why}. The checkpoint looks like '
             f'{describe_keys(source)}; the model is {describe_keys(own)}. Use the backbone type '
             'and arch the checkpoint was trained with (public checkpoints: see '
             f'tools/model_converters/). Unmatched: {report.format(limit=5)}')

@@ -258,7 +258,8 @@ class RefinerViT(PyramidBackbone):
         qkv_bias, dla_expansion, dla_kernel_size: as the public models (True, 3, 3).
         out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
         frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
-            class token) and the first k blocks.
+            class token) and the first k blocks; ``num_layers`` freezes every parameter
+            (pyramid and output norms included).
         norm_eval: keep every BatchNorm (stem, refiner) in eval mode while training; needed
             for batch independence in training, since these BNs otherwise use batch statistics.
         with_cp: gradient checkpointing per block.
@@ -415,15 +416,47 @@ class RefinerViT(PyramidBackbone):
 
     # -- freezing ----------------------------------------------------------------------------
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
+        """The stem and embeddings, the first ``frozen_stages`` blocks; all blocks freeze the
+        pyramid and the output norms too (nothing is left to train)."""
         embeddings = nn.ParameterList(
             [p for p in (self.pos_embed, self.cls_token) if p is not None])
-        return [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
+        modules = [self.patch_embed, embeddings, *self.blocks[:frozen_stages]]
+        if frozen_stages == self.num_layers:
+            modules += [self.pyramid, *(getattr(self, f'out_norm{i}') for i in self.out_indices)]
+        return modules
 
     # -- forward -----------------------------------------------------------------------------
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
-        """(B, in_channels, H, W) -> the outputs of the blocks feeding the returned levels
-        (ascending block order) as (B, extra + h*w, C), class token first, and the token grid
-        (h, w) = (ceil(H/16), ceil(W/16))."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """As every backbone's, and: in training, every refiner BatchNorm in training mode
+        must see more than one value per channel (its batch statistics)."""
+        super().check_input(x)
+        if not self.training or x.shape[0] != 1:
+            return
+        h, w = (-(-size // PATCH_SIZE) for size in x.shape[-2:])
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            if not (attn.share and attn.adapt_bn.training):
+                continue
+            ws = attn.window_size
+            # maps (B', heads, L, L): one global map of the tokens, or one per window
+            values = (h * w + self.num_extra_tokens)**2 if not ws else \
+                -(-h // ws) * -(-w // ws) * ws**4
+            if values == 1:
+                raise ValueError(
+                    f'RefinerViT in training mode got a batch of 1 image of '
+                    f'{tuple(x.shape[-2:])} pixels: a {h}x{w} token grid gives the BatchNorm '
+                    f'layers of the refiner in block {i} one value per channel, so there are no '
+                    'batch statistics. Use norm_eval=True (BatchNorm layers in eval mode), a '
+                    f'batch of more than 1 image, or images larger than {PATCH_SIZE}x'
+                    f'{PATCH_SIZE} pixels (more than one token)')
+
+    def forward_tokens(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None
+                       ) -> Tuple[List[torch.Tensor], Tuple[int, int]]:
+        """(B, in_channels, H, W) -> the outputs of ``blocks`` (ascending block indices;
+        default: the blocks feeding the returned levels) as (B, extra + h*w, C), class token
+        first, and the token grid (h, w) = (ceil(H/16), ceil(W/16)). Blocks after the last
+        one asked for do not run."""
+        blocks = self._feature_blocks if blocks is None else blocks
         self.check_input(x)
         x = self.patch_embed(x)
         b, _, h, w = x.shape
@@ -433,7 +466,7 @@ class RefinerViT(PyramidBackbone):
         x = x + resize_abs_pos_embed(self.pos_embed, (h, w), self.pos_grid,
                                      num_prefix_tokens=self.num_extra_tokens)
         outs, attn = [], None
-        for i, block in enumerate(self.blocks[:self._feature_blocks[-1] + 1]):
+        for i, block in enumerate(self.blocks[:blocks[-1] + 1]):
             if i and not block.attn.share and \
                     block.attn.window_size != self.blocks[i - 1].attn.window_size:
                 attn = None  # window maps and global maps differ in shape: a new chain starts
@@ -441,7 +474,7 @@ class RefinerViT(PyramidBackbone):
                 x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
             else:
                 x, attn = block(x, attn, (h, w))
-            if i in self._feature_blocks:
+            if i in blocks:
                 outs.append(x)
         return outs, (h, w)
 

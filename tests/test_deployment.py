@@ -141,8 +141,15 @@ def _det_config(backbone: dict, size) -> Config:
     cfg.model.rpn_head.update(in_channels=16, feat_channels=16)
     roi = cfg.model.roi_head
     roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = 16
-    roi.bbox_head.update(in_channels=16, fc_out_channels=32, num_classes=3)
-    roi.mask_head.update(in_channels=16, conv_out_channels=16, num_classes=3)
+    # One class: mmdeploy's export gives every (RoI, class) detection the box of the RoI's
+    # best class (ONNX NMS shares boxes across classes); with one class that is the box.
+    roi.bbox_head.update(in_channels=16, fc_out_channels=32, num_classes=1)
+    roi.mask_head.update(in_channels=16, conv_out_channels=16, num_classes=1)
+    # mmdeploy's RPN runs one NMS over all FPN levels (mmdet's: one per level) and keeps empty
+    # boxes (mmdet drops them): the proposals of random weights then differ. Without
+    # suppression and with every anchor kept, both propose the same boxes.
+    cfg.model.test_cfg.rpn.update(nms_pre=5000, max_per_img=5000,
+                                  nms=dict(type='nms', iou_threshold=1.0))
     _set_test_size(cfg, size)
     return cfg
 

@@ -29,11 +29,13 @@ def check_image(path: str, arg: str = 'IMG') -> str:
 
 def installed_backends() -> Sequence[str]:
     """Names of mmdeploy backends whose runtime is installed."""
-    from mmdeploy.backend.base import BACKEND_MANAGERS
+    from mmdeploy.backend.base import get_backend_manager
+    from mmdeploy.utils import Backend
     names = []
-    for name in sorted(BACKEND_MANAGERS.module_dict):
+    for name in sorted(backend.value for backend in Backend):
+        manager = get_backend_manager(name)
         try:
-            if BACKEND_MANAGERS.module_dict[name].is_available():
+            if manager is not None and manager.is_available():
                 names.append(name)
         except Exception:  # a manager that cannot even check (missing SDK pieces)
             continue

@@ -134,10 +134,10 @@ def _seg_config(backbone: dict, size) -> Config:
     return cfg
 
 
-def _det_config(backbone: dict, size) -> Config:
+def _det_config(backbone: dict, size, widths=None) -> Config:
     cfg = Config.fromfile(str(DET_BASE))
     cfg.model.backbone = ConfigDict(backbone, init_cfg=None)
-    cfg.model.neck.update(in_channels=_widths(backbone), out_channels=16)
+    cfg.model.neck.update(in_channels=widths or _widths(backbone), out_channels=16)
     cfg.model.rpn_head.update(in_channels=16, feat_channels=16)
     roi = cfg.model.roi_head
     roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = 16
@@ -226,8 +226,7 @@ def test_mask_rcnn_static_800x1344_and_test_tool(tmp_path):
     toy = load_tool('tools/misc/make_toy_dataset.py')
     backbone = dict(type='mmdet.ResNet', depth=18, base_channels=8, num_stages=4,
                     out_indices=(0, 1, 2, 3), norm_eval=True, style='pytorch', init_cfg=None)
-    cfg = _det_config(dict(backbone), (800, 1344))
-    cfg.model.neck.in_channels = [8, 16, 32, 64]
+    cfg = _det_config(backbone, (800, 1344), widths=[8, 16, 32, 64])
     data_root = toy.make_det_toy(str(tmp_path / 'toy'), num_train=1, num_val=2, size=TOY_SIZE)
     toy.toy_overrides(cfg, 'det', str(data_root), TOY_SIZE, 0)
     result = _deploy(tmp_path, DET_STATIC, cfg, (800, 1344))

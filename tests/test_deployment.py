@@ -39,6 +39,23 @@ deploy_tool = load_tool('tools/deployment/deploy.py')
 test_tool = load_tool('tools/deployment/test.py')
 
 
+# -- the deploy configs -------------------------------------------------------------------------
+@pytest.mark.parametrize('path,codebase,shape,dynamic', [
+    (SEG_STATIC, 'mmseg', [512, 512], False), (SEG_DYNAMIC, 'mmseg', None, True),
+    (DET_STATIC, 'mmdet', [1344, 800], False), (DET_DYNAMIC, 'mmdet', None, True)])
+def test_deploy_configs(path, codebase, shape, dynamic):
+    """mmdeploy's names and format, self-contained (their _base_ files are ours)."""
+    from mmdeploy.utils import get_input_shape, is_dynamic_shape, load_config
+    cfg = load_config(str(path))[0]
+    assert cfg.backend_config.type == 'onnxruntime' and cfg.codebase_config.type == codebase
+    assert cfg.onnx_config.save_file == 'end2end.onnx' and cfg.onnx_config.opset_version >= 16
+    input_shape = get_input_shape(cfg)
+    assert (None if input_shape is None else list(input_shape)) == shape
+    assert is_dynamic_shape(cfg) == dynamic
+    if codebase == 'mmdet':
+        assert cfg.onnx_config.output_names == ['dets', 'labels', 'masks']
+
+
 # -- the exact pooling --------------------------------------------------------------------------
 @pytest.mark.parametrize('size,out', [((16, 16), (3, 3)), ((16, 16), (6, 6)), ((4, 4), (6, 6)),
                                       ((7, 13), (3, 5)), ((33, 21), (2, 1)), ((5, 9), (5, 9)),

@@ -1,6 +1,8 @@
 """The main job on a machine without data: make a toy dataset, evaluate the untrained model,
-train on CPU, evaluate again, print both scores, write prediction overlays as PNG files and
-paint one validation image with tools/misc/image_demo.py and the trained checkpoint.
+train on CPU, evaluate again, print both scores, write prediction overlays as PNG files, paint
+one validation image with tools/misc/image_demo.py and the trained checkpoint, and deploy it:
+export to ONNX with tools/deployment/deploy.py (mmdeploy, dynamic shapes) and evaluate
+``end2end.onnx`` with onnxruntime on the validation set with tools/deployment/test.py.
 
     python tools/misc/demo.py --task seg   # UperNet + BOAT-CSWin-T, ADE20K layout, mIoU
     python tools/misc/demo.py --task det   # Mask R-CNN + BOAT-Swin-T, COCO layout, bbox/segm mAP
@@ -9,13 +11,16 @@ The full-size config is loaded unchanged and then overridden for the toy data an
 minutes of CPU time; every override is printed, and the final config is written to the work
 dir (``python tools/train.py <work-dir>/toy_config.py`` repeats the training). The backbone is
 trained from scratch (no checkpoint is downloaded). Exits with status 1 when the trained model
-does not beat the untrained one by ``--min-gain``.
+does not beat the untrained one by ``--min-gain``, or when onnxruntime's metric differs from
+PyTorch's by more than 0.5 mIoU points (seg) or 0.01 bbox mAP (det).
 """
 import argparse
+import importlib.util
 import os.path as osp
 import sys
 import time
-from typing import List
+from types import ModuleType
+from typing import List, Tuple
 
 import mmcv
 import torch
@@ -34,10 +39,12 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TASKS = {
     'seg': dict(config='configs/upernet_boat_cswin_t_ade20k.py', data_root='data/toy_ade',
                 size=128, crop=96, num_train=48, iters=120, lr=1e-3, batch_size=4, min_gain=10.0,
-                metrics=('mIoU', )),
+                metrics=('mIoU', ), max_deploy_diff=0.5,
+                deploy_cfg='configs/deploy/mmseg/segmentation_onnxruntime_dynamic.py'),
     'det': dict(config='configs/mask_rcnn_boat_swin_t_fpn_1x_coco.py', data_root='data/toy_coco',
                 size=128, crop=0, num_train=48, iters=144, lr=2e-4, batch_size=2, min_gain=0.05,
-                metrics=('coco/bbox_mAP', 'coco/segm_mAP')),
+                metrics=('coco/bbox_mAP', 'coco/segm_mAP'), max_deploy_diff=0.01,
+                deploy_cfg='configs/deploy/mmdet/instance-seg/instance-seg_onnxruntime_dynamic.py'),
 }
 
 
@@ -166,6 +173,31 @@ def paint_one_image(runner: Runner, work_dir: str) -> str:
     return out_file
 
 
+def _load_deployment_tool(name: str) -> ModuleType:
+    path = osp.join(REPO, 'tools', 'deployment', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'deployment_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def deploy_and_evaluate(runner: Runner, task: str, work_dir: str) -> Tuple[dict, str]:
+    """tools/deployment/deploy.py on the trained checkpoint, then tools/deployment/test.py on
+    the exported model; returns test.py's metrics and the ONNX file."""
+    spec = TASKS[task]
+    deploy_cfg = osp.join(REPO, spec['deploy_cfg'])
+    config = osp.join(work_dir, 'toy_config.py')
+    image = runner.test_dataloader.dataset.get_data_info(0)['img_path']
+    onnx_dir = osp.join(work_dir, 'deploy')
+    argv = [deploy_cfg, config, find_latest_checkpoint(work_dir), image, '--work-dir', onnx_dir,
+            '--log-level', 'WARNING']
+    print(f'[demo] python tools/deployment/deploy.py {" ".join(argv)}')
+    onnx_file = _load_deployment_tool('deploy').main(argv)['onnx']
+    argv = [deploy_cfg, config, '--model', onnx_file, '--work-dir', onnx_dir]
+    print(f'[demo] python tools/deployment/test.py {" ".join(argv)}')
+    return _load_deployment_tool('test').main(argv), onnx_file
+
+
 def main() -> int:
     args = parse_args()
     spec = TASKS[args.task]
@@ -212,6 +244,17 @@ def main() -> int:
     gain = trained[key] - untrained[key]
     if gain < min_gain:
         print(f'[demo] FAILED: {key} gained {gain:.3f}, less than --min-gain={min_gain}')
+        return 1
+
+    deploy_start = time.time()
+    deployed, onnx_file = deploy_and_evaluate(runner, args.task, work_dir)
+    name = 'mIoU' if args.task == 'seg' else 'bbox mAP'
+    print(f'[demo] onnxruntime {name} {deployed[key]:.3f} (PyTorch {trained[key]:.3f}): '
+          f'{onnx_file}, exported and evaluated in {time.time() - deploy_start:.0f} s')
+    diff = abs(deployed[key] - trained[key])
+    if diff > spec['max_deploy_diff']:
+        print(f'[demo] FAILED: onnxruntime and PyTorch {name} differ by {diff:.3f}, more than '
+              f"{spec['max_deploy_diff']}")
         return 1
     print(f'[demo] OK: {key} gained {gain:.3f} (>= {min_gain})')
     return 0

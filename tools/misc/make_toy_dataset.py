@@ -237,6 +237,8 @@ def toy_overrides(cfg, task: str, data_root: str, size: int, crop_size: int = 0)
         crop = crop_size or max(1, round(cfg.model.data_preprocessor.size[0] * factor))
         for loader in loaders:
             _scale_pipeline(loader.dataset.pipeline, factor)
+        if cfg.get('test_pipeline'):  # what inference APIs and mmdeploy use
+            _scale_pipeline(cfg.test_pipeline, factor)
         for transform in cfg.train_dataloader.dataset.pipeline:
             if transform['type'] == 'RandomCrop':
                 transform['crop_size'] = (crop, crop)
@@ -253,6 +255,8 @@ def toy_overrides(cfg, task: str, data_root: str, size: int, crop_size: int = 0)
             loader.dataset.data_prefix = dict(img=f'{ann_split}/')
             loader.dataset.metainfo = dict(classes=TOY_DET_CLASSES)
             _scale_pipeline(loader.dataset.pipeline, factor)
+        if cfg.get('test_pipeline'):
+            _scale_pipeline(cfg.test_pipeline, factor)
         if cfg.get('tta_pipeline'):
             _scale_pipeline(cfg.tta_pipeline, factor)
         for evaluator in (cfg.val_evaluator, cfg.test_evaluator):

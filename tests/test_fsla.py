@@ -339,13 +339,15 @@ def test_clustering_dispatches_21_operators_per_level():
     assert counts == {k: 6 + 21 * k for k in range(1, 6)}
 
 
-def test_fsla_forward_dispatches_11_operators_besides_the_clustering():
+def test_fsla_forward_dispatches_12_operators_besides_the_clustering():
+    """11 before graph capture: the output rows were added into a preallocated (``out=``)
+    buffer, which dynamo cannot capture; they are now gathered in the order of SDPA's output."""
     module = FeatureSpaceLocalAttention(16, 2).eval()
     x = torch.randn(2, 14 * 28, 16)
     with torch.no_grad():
         module(x, (14, 28))
         ops = dispatched_ops(lambda: module(x, (14, 28)))
-    assert sum(ops.values()) == 11 + 6 + 21 * 3
+    assert sum(ops.values()) == 12 + 6 + 21 * 3
     assert ops['aten::_scaled_dot_product_flash_attention_for_cpu'] == 1
 
 
@@ -449,7 +451,8 @@ def test_half_and_bfloat16_parameters(monkeypatch, dtype):
                        split_sizes=(1, 2, 7, 7)), 1500)])
 def test_backbone_forward_operator_budget(name, arch, budget):
     """The tiny presets' depths and heads (narrower: the count does not depend on widths) at
-    224x224, batch 1: 666 and 1405 operators per forward (867 and 1824 before)."""
+    224x224, batch 1: 638 and 1469 operators per forward (666 and 1405 before the layouts and
+    masks became capturable, 867 and 1824 before that)."""
     model = MODELS.build(dict(type=name, arch=arch)).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -6,7 +6,7 @@ with Python operators (``+ - * // %``) works on all three and stays symbolic; wh
 size's value (leaving out a mask, skipping a no-op resize, caching) is decided only for ints.
 """
 from functools import lru_cache, wraps
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 
@@ -23,6 +23,15 @@ def is_concrete(*sizes: Size) -> bool:
     return all(isinstance(size, int) for size in sizes)
 
 
+def _sizes(args: Iterable[Any]) -> Iterator[Size]:
+    """The sizes among ``args`` and in their tuples."""
+    for arg in args:
+        if isinstance(arg, tuple):
+            yield from _sizes(arg)
+        elif isinstance(arg, (int, torch.SymInt, torch.Tensor)):
+            yield arg
+
+
 def size_cache(maxsize: int) -> Callable[[Callable], Callable]:
     """``lru_cache`` for functions of sizes, bypassed while a graph is captured or for sizes
     that are not ints, whose results must be computed in the graph (a cached traced size would
@@ -31,11 +40,10 @@ def size_cache(maxsize: int) -> Callable[[Callable], Callable]:
         cached = lru_cache(maxsize)(fn)
 
         @wraps(fn)
-        def call(*args: Any) -> Any:
-            sizes = [a for a in args if isinstance(a, (int, torch.SymInt, torch.Tensor))]
-            if capturing() or not is_concrete(*sizes):
-                return fn(*args)
-            return cached(*args)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if capturing() or not is_concrete(*_sizes((*args, *kwargs.values()))):
+                return fn(*args, **kwargs)
+            return cached(*args, **kwargs)
 
         call.cache_clear = cached.cache_clear
         return call

@@ -59,6 +59,7 @@ class GroupLayout(NamedTuple):
     slot_size: int                        # s = ceil(N / G) query slots per group
     num_slots: int                        # G * s
     key_slots: torch.Tensor               # (G * (s + o),) clustering slot of every key
+    query_slots: torch.Tensor             # (s * G,) clustering slot of every query, slot-major
     key_padding: Optional[torch.Tensor]   # (G, 1, s + o) bool, True = padding; or None
 
 
@@ -172,9 +173,11 @@ def build_group_layout(num_tokens: Size, group_size: int, overlap: int,
     key_slots = key_slots.masked_fill(key_padding, 0) + group * group_slots
     # with N % G == 0 every group is full: nothing to mask (known only for an int N)
     unmasked = concrete and num_tokens % num_groups == 0
+    # queries in the (s, G) order of fused SDPA outputs' memory
+    query_slots = (own_pos.t() + group.t() * group_slots).flatten()
     return GroupLayout(shape, num_tokens, first_slot, child_slots.int(), slot_meta, token,
                        num_groups, slot_size, num_groups * slot_size, key_slots.flatten(),
-                       None if unmasked else key_padding[:, None])
+                       query_slots, None if unmasked else key_padding[:, None])
 
 
 group_layout = size_cache(maxsize=64)(build_group_layout)
@@ -233,11 +236,11 @@ def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, t
     if is_concrete(num_tokens) and num_tokens != layout.num_tokens:
         raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(dtype).reshape(-1, num_tokens, dim)
     # padding slots read a zero token N
-    raw = torch.cat([x, x.new_zeros(x.shape[0], 1, dim)], 1).index_select(1, layout.slot_tokens)
+    tokens = torch.cat([x.to(dtype), x.new_zeros(*x.shape[:-2], 1, dim, dtype=dtype)], -2)
+    raw = tokens.view(-1, num_tokens + 1, dim).index_select(1, layout.slot_tokens)
     norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(1e-12)
-    meta = layout.slot_meta.expand(x.shape[0], -1, -1)
+    meta = layout.slot_meta.expand(raw.shape[0], -1, -1)
     return raw, torch.cat([raw / norm, meta], -1)
 
 
@@ -349,13 +352,13 @@ def _additive_mask(padding: Optional[torch.Tensor],
 def _row_offsets(batch: int, heads: int, num_tokens: int,
                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (image, head) row r: (R, 1, 3) rows of its q, k and v of token 0 in the (B * N * 3 *
-    heads, d) projection, and (R, 1, 1) its row for token 0 in a (B, N + 1, heads, d) output
+    heads, d) projection, and (R, 1) its row for token 0 in a (B, N + 1, heads, d) output
     whose token N takes what padding slots compute."""
     row = torch.arange(batch * heads, device=device)
     image, head = row // heads, row % heads
     qkv = image * (num_tokens * 3 * heads) + head
     qkv = qkv[:, None, None] + torch.arange(3, device=device)[None, None] * heads
-    out = (image * ((num_tokens + 1) * heads) + head)[:, None, None]
+    out = (image * ((num_tokens + 1) * heads) + head)[:, None]
     return qkv, out
 
 
@@ -441,8 +444,8 @@ class FeatureSpaceLocalAttention(nn.Module):
         out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
 
         # fused SDPA kernels write (rows, s, G, d) memory: copy its rows to their tokens
-        query_token = order.view(rows, groups, -1)[:, :, :slot_size].transpose(1, 2)
-        out_row = torch.add(out_rows, query_token, alpha=heads).reshape(-1)
+        query_token = order.index_select(1, layout.query_slots)  # (rows, s * G)
+        out_row = torch.add(out_rows, query_token, alpha=heads).view(-1)
         out_full = out.new_empty(b * (n + 1) * heads, d)
         out_full.index_copy_(0, out_row, out.transpose(1, 2).reshape(-1, d))
         return out_full.view(b, n + 1, heads * d)[:, :n]

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .capture import Size, is_concrete, pad_to
+from .capture import Size, is_concrete, pad_to, size_cache
 
 Window = Union[int, Tuple[int, int]]
 
@@ -59,10 +59,12 @@ def _needs_no_mask(hw: Tuple[Size, Size], window: Tuple[int, int], shift_size: i
     return not shift_size and is_concrete(h, w) and h % mh == 0 and w % mw == 0
 
 
+@size_cache(maxsize=64)
 def window_padding_mask(hw: Tuple[Size, Size], window: Window,
                         device: torch.device) -> Optional[torch.Tensor]:
     """(num_windows, wh * ww) bool, True for the tokens that :func:`pad_to_multiple` adds to an
-    (H, W) map, in :func:`window_partition` order; ``None`` when the map needs no padding."""
+    (H, W) map, in :func:`window_partition` order; ``None`` when the map needs no padding.
+    Cached for int sizes: a stage's blocks, and every forward at the size, share it."""
     window = _pair(window)
     if _needs_no_mask(hw, window):
         return None
@@ -78,6 +80,7 @@ def _shift_regions(size: Size, window: int, shift_size: int, device: torch.devic
     return (index >= size - window).long() + (index >= size - shift_size).long()
 
 
+@size_cache(maxsize=64)
 def window_attention_mask(hw: Tuple[Size, Size], window: Window, shift_size: int = 0,
                           device: torch.device = torch.device('cpu')) -> Optional[torch.Tensor]:
     """Additive (num_windows, wh*ww, wh*ww) float mask for attention inside the windows of an

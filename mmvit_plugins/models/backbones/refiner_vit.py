@@ -8,6 +8,7 @@ map) and a few globally, and a simple feature pyramid turns the stride-16 tokens
 4/8/16/32.
 """
 import math
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -45,6 +46,64 @@ ADJUST_RATIO = 0.5
 _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 
 
+# Elements of the 3x-expanded map per chunk of the refiner's inference path: on the CPU
+# ~8 MB, so that chunks stay in the caches and in the allocator's reused heap (a fresh
+# map-sized tensor costs a page fault per 4 KB, more than the arithmetic on it); elsewhere a
+# chunk bounds the peak memory of large global maps at a few launches.
+_CHUNK_ELEMENTS = {'cpu': 1 << 21}
+_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
+
+def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` normalises with the statistics of its input (as its forward decides)."""
+    return bn.training or bn.running_mean is None
+
+
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm that uses its running statistics as ``x * scale + shift``, per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                batch_stats: List[torch.Tensor]) -> torch.Tensor:
+    """``bn(x)`` without touching ``bn``'s buffers: where ``bn`` would update its running
+    statistics, the batch mean and unbiased variance are appended to ``batch_stats`` instead
+    (:func:`_update_running_stats` applies them), so that a recomputation is free of effects."""
+    if not _uses_batch_stats(bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.,
+                            bn.eps)
+    if not (bn.training and bn.track_running_stats):
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0., bn.eps)
+    # momentum 1: the "running" buffers receive exactly the batch statistics
+    mean, var = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+    batch_stats += [mean, var]
+    return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1., bn.eps)
+
+
+@torch.no_grad()
+def _update_running_stats(bns: Sequence[nn.modules.batchnorm._BatchNorm],
+                          batch_stats: Sequence[torch.Tensor]) -> None:
+    """What ``bn.forward`` does to the buffers in training, from :func:`_batch_norm`'s stats."""
+    stats = iter(batch_stats)
+    for bn in bns:
+        if not (bn.training and bn.track_running_stats):
+            continue
+        mean, var = next(stats), next(stats)
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = (1. / bn.num_batches_tracked).to(mean.dtype)
+        else:
+            factor = bn.momentum
+        bn.running_mean.lerp_(mean, factor)
+        bn.running_var.lerp_(var, factor)
+
+
 class DistributedLocalAttention(nn.Module):
     """The refiner ("conv_exapnd" DLA of the public code) on attention maps (B, H, L, L).
 
@@ -52,6 +111,12 @@ class DistributedLocalAttention(nn.Module):
     plus the input. ``mask`` (B, 1, L, L), True where query and key are real tokens: the expanded
     maps are zeroed elsewhere before the depthwise conv, so that padding tokens of a partial window
     act like the conv's own zero padding.
+
+    :meth:`forward` is this formulation, module by module. The sharing block calls
+    :meth:`refine`, the same numbers computed for speed and memory: the 1x1 convs as matrix
+    products over the head axis producing channels-last maps (the depthwise conv's fast layout),
+    BatchNorms that use running statistics folded into the convs, in-place activations, and
+    under autograd the maps recomputed in the backward instead of stored.
     """
 
     def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3):
@@ -73,6 +138,97 @@ class DistributedLocalAttention(nn.Module):
             x.masked_fill_(~mask, 0.)
         x = self.act(self.bn2(self.depth_sep_conv(self.act(x))))
         return self.bn3(self.conv_pro(x)).add_(attn)
+
+    def refine(self, attn: torch.Tensor, out_norm: nn.modules.batchnorm._BatchNorm,
+               scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out_norm(self(attn, mask)) * scale``, zeroed where ``mask`` is False: (B, H, L, L).
+
+        Under autograd only ``attn`` is kept for the backward, which recomputes the maps (the
+        refiner's ~15 map-sized tensors per block are what bounded its training memory).
+        """
+        norms = (self.bn1, self.bn2, self.bn3, out_norm)
+        train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
+        if not train_norms:
+            fn = partial(self._refine_folded, out_norm=out_norm, scale=scale)
+        elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
+            fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
+        else:  # e.g. SyncBatchNorm in training: its own forward gathers the statistics
+            out = out_norm(self(attn, mask)).mul_(scale)
+            return out if mask is None else out.masked_fill_(~mask, 0.)
+        if torch.is_grad_enabled() and (attn.requires_grad or
+                                        any(p.requires_grad for p in self.parameters())):
+            out, *batch_stats = cp.checkpoint(fn, attn, mask, use_reentrant=False,
+                                              preserve_rng_state=False)
+        else:
+            out, *batch_stats = fn(attn, mask)
+        _update_running_stats(train_norms, batch_stats)
+        return out
+
+    def _refine_batch_stats(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
+                            out_norm: nn.modules.batchnorm._BatchNorm,
+                            scale: float) -> List[torch.Tensor]:
+        """:meth:`refine` for BatchNorms that (may) use batch statistics: the refined map, then
+        the batch statistics for :func:`_update_running_stats`."""
+        b, h, n, _ = attn.shape
+        e = self.conv_exp.out_channels
+        stats: List[torch.Tensor] = []
+        # The 1x1 convs as matrix products over the head axis. The maps stay contiguous
+        # (B, C, L, L): BatchNorm's and ReLU6's backward are slow on channels-last maps.
+        x = torch.bmm(self.conv_exp.weight.view(e, h).expand(b, e, h), attn.reshape(b, h, n * n))
+        x = _batch_norm(x.view(b, e, n, n), self.bn1, stats)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.)
+        x = self.depth_sep_conv(self.act(x))
+        x = self.act(_batch_norm(x, self.bn2, stats))
+        x = torch.bmm(self.conv_pro.weight.view(h, e).expand(b, h, e), x.reshape(b, e, n * n))
+        x = _batch_norm(x.view(b, h, n, n), self.bn3, stats).add_(attn)
+        x = _batch_norm(x, out_norm, stats).mul_(scale)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.)
+        return [x, *stats]
+
+    def _refine_folded(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
+                       out_norm: nn.modules.batchnorm._BatchNorm,
+                       scale: float) -> List[torch.Tensor]:
+        """:meth:`refine` with every BatchNorm on running statistics, folded into the convs:
+        ``relu6(W1 a + b1)``, ``relu6(dw(.) + b2)``, ``W3 (.) + k a + b3``, in chunks of query
+        rows (with the depthwise conv's halo) so that the expanded maps never exist whole."""
+        b, h, n, _ = attn.shape
+        e = self.conv_exp.out_channels
+        s1, t1 = _bn_scale_shift(self.bn1)
+        s2, t2 = _bn_scale_shift(self.bn2)
+        s3, t3 = _bn_scale_shift(self.bn3)
+        s4, t4 = _bn_scale_shift(out_norm)
+        w1 = (self.conv_exp.weight.view(e, h) * s1[:, None]).t().expand(b, h, e)
+        w2 = self.depth_sep_conv.weight * s2.view(e, 1, 1, 1)
+        k = s4 * scale  # out_norm(bn3(y) + a) * scale = k * s3 * y + k * a + bias
+        w3 = (self.conv_pro.weight.view(h, e) * (k * s3)[:, None]).expand(b, h, e)
+        b3 = (k * t3 + t4 * scale).view(h, 1)
+        k = k.view(h, 1)
+        kernel = self.depth_sep_conv.kernel_size[0]
+        top, bottom = (kernel - 1) // 2, kernel // 2
+        rows = n
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # a chunk count that follows the map size would freeze the size into a captured
+            # graph (whose compiler fuses these steps anyway)
+            limit = _CHUNK_ELEMENTS.get(attn.device.type, _CHUNK_ELEMENTS_DEFAULT)
+            rows = max(limit // (b * e * n), 1)
+        chunks = []
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            s0, s1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
+            x = torch.baddbmm(t1, attn[:, :, s0:s1].reshape(b, h, -1).transpose(1, 2), w1)
+            x = x.clamp_(0., 6.).view(b, s1 - s0, n, e)
+            if mask is not None:
+                x.masked_fill_(~mask[:, 0, s0:s1, :, None], 0.)
+            x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
+            x = x[:, :, r0 - s0:r1 - s0].clamp_(0., 6.)
+            out = torch.addcmul(b3, attn[:, :, r0:r1].reshape(b, h, -1), k)
+            out = out.baddbmm_(w3, x.reshape(b, e, -1)).view(b, h, r1 - r0, n)
+            if mask is not None:
+                out.masked_fill_(~mask[:, :, r0:r1], 0.)
+            chunks.append(out)
+        return [torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]]
 
 
 class RefinedAttention(nn.Module):
@@ -133,9 +289,7 @@ class RefinedAttention(nn.Module):
         if self.share:
             v = self.v(x).view(b, n, self.num_heads, -1).transpose(1, 2)
             with torch.autocast(x.device.type, enabled=False):
-                attn = self.adapt_bn(self.dla(prev.to(map_dtype), pairs)).mul_(self.scale)
-            if pairs is not None:
-                attn.masked_fill_(~pairs, 0.)
+                attn = self.dla.refine(prev.to(map_dtype), self.adapt_bn, self.scale, pairs)
             passed = prev
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)

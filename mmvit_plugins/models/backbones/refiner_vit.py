@@ -443,11 +443,12 @@ class DistributedLocalAttention(nn.Module):
             r1 = min(r0 + rows, n)
             s0, s1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
             x = torch.baddbmm(t1, attn[:, :, s0:s1].reshape(b, h, -1).transpose(1, 2), w1)
-            x = x.clamp_(0., 6.).view(b, s1 - s0, n, e)
+            # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often are)
+            x = F.hardtanh(x, 0., 6., inplace=True).view(b, s1 - s0, n, e)
             if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
                 x.mul_(keep[:, 0, s0:s1, :, None])
             x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
-            x = x[:, :, r0 - s0:r1 - s0].clamp_(0., 6.)
+            x = F.hardtanh(x[:, :, r0 - s0:r1 - s0], 0., 6., inplace=True)
             out = torch.addcmul(b3, attn[:, :, r0:r1].reshape(b, h, -1), k)
             out = out.baddbmm_(w3, x.reshape(b, e, -1))
             if keep is not None:

@@ -523,7 +523,8 @@ class RefinedAttention(nn.Module):
                 # The public code scales q and k by sqrt(scale) each: the same logits.
                 attn = (q.to(map_dtype) * self.scale) @ k.to(map_dtype).transpose(-2, -1)
                 if valid is not None:
-                    attn = attn.masked_fill(~valid[:, None, None, :], float('-inf'))
+                    # in place: the logits are not kept for the backward
+                    attn.masked_fill_(~valid[:, None, None, :], float('-inf'))
                 attn = attn.softmax(dim=-1)
                 if prev is not None:
                     attn = attn + self.scale * prev

@@ -46,10 +46,10 @@ ADJUST_RATIO = 0.5
 _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 
 
-# Elements of the 3x-expanded map per chunk of the refiner's inference path: on the CPU
-# ~8 MB, so that chunks stay in the caches and in the allocator's reused heap (a fresh
-# map-sized tensor costs a page fault per 4 KB, more than the arithmetic on it); elsewhere a
-# chunk bounds the peak memory of large global maps at a few launches.
+# Elements of the 3x-expanded map per chunk of the refiner's chunked paths: on the CPU ~8 MB,
+# so that chunks stay in the caches and in the allocator's reused heap (a fresh map-sized
+# tensor costs a page fault per 4 KB, more than the arithmetic on it); elsewhere a chunk
+# bounds the peak memory of large global maps at a few launches.
 _CHUNK_ELEMENTS = {'cpu': 1 << 21}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
@@ -126,10 +126,12 @@ def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, 
 
 def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
                    ) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """(count, mean, biased variance) of chunks -> of their union (Chan et al.), in float64."""
+    """(count, mean, biased variance) of chunks -> of their union (Chan et al.), in float64
+    where the device has it."""
     count, mean, m2 = 0, 0., 0.
     for n, chunk_mean, chunk_var in moments:
-        chunk_mean, chunk_var = chunk_mean.double(), chunk_var.double()
+        dtype = torch.float32 if chunk_mean.device.type == 'mps' else torch.float64
+        chunk_mean, chunk_var = chunk_mean.to(dtype), chunk_var.to(dtype)
         delta = chunk_mean - mean
         total = count + n
         mean = mean + delta * (n / total)
@@ -163,7 +165,11 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return x
 
     @staticmethod
-    def forward(ctx, a, mask, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4, eps, scale, rows):
+    def forward(ctx, a: torch.Tensor, mask: Optional[torch.Tensor], w1: torch.Tensor,
+                g1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor,
+                b2: torch.Tensor, w3: torch.Tensor, g3: torch.Tensor, b3: torch.Tensor,
+                g4: torch.Tensor, b4: torch.Tensor, eps: Tuple[float, ...], scale: float,
+                rows: int) -> Tuple[torch.Tensor, ...]:
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
@@ -173,7 +179,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
         halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
 
-        def rsqrt(var, i):
+        def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
 
         moments = []
@@ -220,7 +226,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return (out, *stats)
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(ctx, grad: torch.Tensor, *_) -> Tuple[Optional[torch.Tensor], ...]:
         (a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean1, var1, mean2, var2, mean3,
          var3, mean4, var4) = ctx.saved_tensors
         eps, scale, rows = ctx.eps, ctx.scale, ctx.rows
@@ -234,7 +240,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
 
-        def bn_backward(g, normed, weight, rstd):
+        def bn_backward(g: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor,
+                        rstd: torch.Tensor) -> Tuple[torch.Tensor, ...]:
             """In place on ``g``: d/dx of weight * normed(x) + bias given g = d/dout; and
             the gradients of weight and bias."""
             sum_g, sum_gn = g.sum(dim=(0, 2, 3)), (g * normed).sum(dim=(0, 2, 3))
@@ -360,8 +367,9 @@ class DistributedLocalAttention(nn.Module):
                scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``out_norm(self(attn, mask)) * scale``, zeroed where ``mask`` is False: (B, H, L, L).
 
-        Under autograd only ``attn`` is kept for the backward, which recomputes the maps (the
-        refiner's ~15 map-sized tensors per block are what bounded its training memory).
+        Under autograd the backward recomputes the expanded maps: besides ``attn`` (kept by the
+        computing block anyway) at most one (B, H, L, L) map is kept, instead of ~15 map-sized
+        tensors of the module formulation (what bounded the training memory).
         """
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
@@ -441,14 +449,14 @@ class DistributedLocalAttention(nn.Module):
         chunks = []
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            s0, s1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
-            x = torch.baddbmm(t1, attn[:, :, s0:s1].reshape(b, h, -1).transpose(1, 2), w1)
+            i0, i1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
+            x = torch.baddbmm(t1, attn[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2), w1)
             # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often are)
-            x = F.hardtanh(x, 0., 6., inplace=True).view(b, s1 - s0, n, e)
+            x = F.hardtanh(x, 0., 6., inplace=True).view(b, i1 - i0, n, e)
             if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
-                x.mul_(keep[:, 0, s0:s1, :, None])
+                x.mul_(keep[:, 0, i0:i1, :, None])
             x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
-            x = F.hardtanh(x[:, :, r0 - s0:r1 - s0], 0., 6., inplace=True)
+            x = F.hardtanh(x[:, :, r0 - i0:r1 - i0], 0., 6., inplace=True)
             out = torch.addcmul(b3, attn[:, :, r0:r1].reshape(b, h, -1), k)
             out = out.baddbmm_(w3, x.reshape(b, e, -1))
             if keep is not None:

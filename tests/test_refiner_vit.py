@@ -388,3 +388,159 @@ def test_drops_into_mmseg_swin_upernet_config_with_only_in_channels_changed():
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+# -- the refiner's fast paths (DistributedLocalAttention.refine) against its module-by-module
+# formulation (DistributedLocalAttention.forward, then adapt_bn, scale and mask) ----------------
+def _random_refiner(heads: int, kernel: int, dtype: torch.dtype, momentum=0.1):
+    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
+    g = torch.Generator().manual_seed(2)
+    dla = DistributedLocalAttention(heads, 3, kernel)
+    adapt_bn = torch.nn.BatchNorm2d(heads, momentum=momentum)
+    for conv in (dla.conv_exp, dla.depth_sep_conv, dla.conv_pro):
+        fan_in = conv.weight[0].numel()
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * fan_in**-0.5
+    for bn in [m for m in dla.modules() if isinstance(m, torch.nn.BatchNorm2d)] + [adapt_bn]:
+        c = bn.num_features
+        bn.momentum = momentum
+        bn.weight.data = 1 + 0.3 * torch.randn(c, generator=g)
+        bn.bias.data = 0.3 * torch.randn(c, generator=g)
+        bn.running_mean.data = 0.2 * torch.randn(c, generator=g)
+        bn.running_var.data = 0.5 + torch.rand(c, generator=g)
+    return dla.to(dtype), adapt_bn.to(dtype)
+
+
+def _reference_refine(dla, adapt_bn, attn, scale, mask):
+    out = adapt_bn(dla(attn, mask)) * scale
+    return out if mask is None else out.masked_fill(~mask, 0.)
+
+
+def _refine_step(dla, adapt_bn, attn, grad, fn):
+    """Output, input gradient, parameter gradients and buffers after one refine + backward."""
+    attn = attn.clone().requires_grad_()
+    out = fn(dla, adapt_bn, attn)
+    (out * grad).sum().backward()
+    params = [p.grad for p in [*dla.parameters(), *adapt_bn.parameters()]]
+    buffers = [b.clone() for b in [*dla.buffers(), *adapt_bn.buffers()]]
+    return out.detach(), attn.grad, params, buffers
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('mode,kernel,momentum', [
+    ('train', 3, 0.1), ('train', 3, None), ('train', 2, 0.1), ('train_bn1_eval', 3, 0.1),
+    ('eval', 3, 0.1), ('eval', 2, 0.1)])
+@pytest.mark.parametrize('masked', [False, True])
+def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, kernel, momentum,
+                                                    masked):
+    """Every path of ``refine`` (training BNs: the chunked autograd Function, or with an even
+    kernel / mixed BN modes the recomputed module formulation; running-statistics BNs: folded
+    into the convs) gives the refiner's numbers: outputs (float32: 1e-5 relative), gradients of
+    the map and of every parameter, and the BN buffer updates. Chunks of 3 query rows with the
+    depthwise conv's halo, 11 rows: chunk edges and a partial last chunk are exercised."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    b, heads, n = 2, 4, 11
+    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
+    g = torch.Generator().manual_seed(3)
+    attn = torch.rand(b, heads, n, n, generator=g, dtype=dtype).softmax(-1) * 4
+    grad = torch.randn(b, heads, n, n, generator=g, dtype=dtype)
+    mask = None
+    if masked:
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[0, 7:] = False
+        valid[1, 3] = False
+        mask = valid[:, None, :, None] & valid[:, None, None, :]
+        grad = grad.masked_fill(~mask, 0.)
+    results = []
+    for fn in (_reference_refine, lambda d, a, x: d.refine(x, a, 0.125, mask)):
+        dla, adapt_bn = _random_refiner(heads, kernel, dtype, momentum)
+        dla.train(mode != 'eval')
+        adapt_bn.train(mode != 'eval')
+        if mode == 'train_bn1_eval':
+            dla.bn1.eval()
+        step = (lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)) \
+            if fn is _reference_refine else fn
+        results.append(_refine_step(dla, adapt_bn, attn, grad, step))
+    (out, attn_grad, param_grads, buffers), (ref_out, ref_attn_grad, ref_grads, ref_buffers) = \
+        results[1], results[0]
+    rel = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ref_out.abs().max() > 0.1
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=rel * ref_out.abs().max())
+    torch.testing.assert_close(attn_grad, ref_attn_grad, rtol=0,
+                               atol=rel * ref_attn_grad.abs().max())
+    # float32 gradients: the reference itself is only ~1e-4 accurate on the parameters whose
+    # gradient cancels (e.g. bn3's, before a training-mode BN): relative to the largest one
+    scale = max(p.abs().max() for p in ref_grads)
+    for p, ref_p in zip(param_grads, ref_grads):
+        torch.testing.assert_close(p, ref_p, rtol=0,
+                                   atol=(rel if dtype == torch.float64 else 1e-5) * scale)
+    for buf, ref_buf in zip(buffers, ref_buffers):
+        torch.testing.assert_close(buf, ref_buf, rtol=rel, atol=rel)
+    if mode == 'train':  # the running statistics moved
+        initial = _random_refiner(heads, kernel, dtype)[0].bn1.running_mean
+        assert not torch.allclose(buffers[1], initial)
+
+
+def _assert_grads_close(grads: dict, ref_grads: dict, rel: float = 2e-5) -> None:
+    """Parameter gradients within ``rel`` of the largest one of their tensor, or for a refiner
+    (whose BN gradients cancel: the float32 reference is ~1e-4 accurate there, see above) of
+    their refiner."""
+    assert grads.keys() == ref_grads.keys()
+    for k, ref in ref_grads.items():
+        group = k.split('.dla.')[0] + '.dla.' if '.dla.' in k else k
+        scale = max(float(g.abs().max()) for name, g in ref_grads.items()
+                    if name.startswith(group))
+        torch.testing.assert_close(grads[k], ref, rtol=0, atol=rel * scale, msg=k)
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval', 'train_norm_eval'])
+def test_backbone_equals_the_module_by_module_refiner(monkeypatch, mode):
+    """The whole backbone (windows with padding, global blocks) with ``refine`` replaced by the
+    module-by-module refiner: the same outputs (float32, 1e-5 relative), gradients and BN
+    running statistics."""
+    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
+    img = torch.randn(2, 3, 88, 120)  # 6x8 grid: partial 4x4 windows
+
+    def run(reference: bool):
+        torch.manual_seed(0)
+        model = RefinerViT(**dict(TINY, norm_eval=mode == 'train_norm_eval'))
+        model.train(mode != 'eval')
+        with monkeypatch.context() as patch:
+            if reference:
+                patch.setattr(DistributedLocalAttention, 'refine',
+                              lambda self, a, bn, s, m=None: _reference_refine(self, bn, a, s, m))
+            outs = model(img)
+            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        return outs, model
+
+    outs, model = run(False)
+    ref_outs, ref_model = run(True)
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    grads = dict((k, p.grad) for k, p in model.named_parameters())
+    ref_grads = dict((k, p.grad) for k, p in ref_model.named_parameters())
+    _assert_grads_close(grads, ref_grads)
+    for (k, buf), ref in zip(model.named_buffers(), ref_model.buffers()):
+        torch.testing.assert_close(buf, ref, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_refiner_compiles_in_one_graph(train):
+    """torch.compile(fullgraph=True) through every refiner path: eval (folded BNs) and a
+    training step (the autograd Function), equal to eager."""
+    torch.manual_seed(0)
+    model = RefinerViT(**dict(TINY, global_attn_indexes=(2, 3))).train(train)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    img = torch.randn(2, 3, 72, 104)
+    outs = []
+    for m in (model, compiled):
+        model.zero_grad()
+        with torch.set_grad_enabled(train):
+            out = m(img)
+        if train:  # not the plain sum: the out norms make its gradient vanish
+            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
+        outs.append((out, {k: p.grad.clone() for k, p in model.named_parameters()
+                           if p.grad is not None}))
+    (eager, eager_grads), (comp, comp_grads) = outs
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    _assert_grads_close(comp_grads, eager_grads)

@@ -8,6 +8,7 @@ map) and a few globally, and a simple feature pyramid turns the stride-16 tokens
 4/8/16/32.
 """
 import math
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -48,6 +49,288 @@ ADJUST_RATIO = 0.5
 _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 
 
+# Elements of the 3x-expanded map per chunk of the refiner's chunked paths: on the CPU ~8 MB,
+# so that chunks stay in the caches and in the allocator's reused heap (a fresh map-sized
+# tensor costs a page fault per 4 KB, more than the arithmetic on it); elsewhere a chunk
+# bounds the peak memory of large global maps at a few launches.
+_CHUNK_ELEMENTS = {'cpu': 1 << 21}
+_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
+
+def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` normalises with the statistics of its input (as its forward decides)."""
+    return bn.training or bn.running_mean is None
+
+
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm that uses its running statistics as ``x * scale + shift``, per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                batch_stats: List[torch.Tensor]) -> torch.Tensor:
+    """``bn(x)`` without touching ``bn``'s buffers: where ``bn`` would update its running
+    statistics, the batch mean and unbiased variance are appended to ``batch_stats`` instead
+    (:func:`_update_running_stats` applies them), so that a recomputation is free of effects."""
+    if not _uses_batch_stats(bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.,
+                            bn.eps)
+    if not (bn.training and bn.track_running_stats):
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0., bn.eps)
+    # momentum 1: the "running" buffers receive exactly the batch statistics
+    mean, var = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+    batch_stats += [mean, var]
+    return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1., bn.eps)
+
+
+@torch.no_grad()
+def _update_running_stats(bns: Sequence[nn.modules.batchnorm._BatchNorm],
+                          batch_stats: Sequence[torch.Tensor]) -> None:
+    """What ``bn.forward`` does to the buffers in training, from :func:`_batch_norm`'s stats."""
+    stats = iter(batch_stats)
+    for bn in bns:
+        if not (bn.training and bn.track_running_stats):
+            continue
+        mean, var = next(stats), next(stats)
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = (1. / bn.num_batches_tracked).to(mean.dtype)
+        else:
+            factor = bn.momentum
+        bn.running_mean.lerp_(mean, factor)
+        bn.running_var.lerp_(var, factor)
+
+
+def _chunk_rows(num_rows: int, map_elements: int, device: torch.device) -> int:
+    """Query rows per chunk of a refiner pass over (B, H, L, L) maps; ``map_elements``: the
+    elements of one full row of the expanded maps (B * eH * L)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # a chunk count that follows the map size would freeze the size into a captured
+        # graph (whose compiler fuses these steps anyway)
+        return num_rows
+    limit = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_DEFAULT)
+    return max(limit // map_elements, 1)
+
+
+def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, biased variance) of ``x`` over ``dim``, two-pass (``torch.var_mean`` is
+    several times slower on the CPU)."""
+    mean = x.mean(dim=dim)
+    shape = [x.shape[i] if i not in dim else 1 for i in range(x.dim())]
+    var = (x - mean.view(shape)).square_().mean(dim=dim)
+    return x.numel() // mean.numel(), mean, var
+
+
+def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
+                   ) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, biased variance) of chunks -> of their union (Chan et al.), in float64
+    where the device has it."""
+    count, mean, m2 = 0, 0., 0.
+    for n, chunk_mean, chunk_var in moments:
+        dtype = torch.float32 if chunk_mean.device.type == 'mps' else torch.float64
+        chunk_mean, chunk_var = chunk_mean.to(dtype), chunk_var.to(dtype)
+        delta = chunk_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + chunk_var * n + delta.square() * (count * n / total)
+        count = total
+    return count, mean, m2 / count
+
+
+class _RefineWithBatchStats(torch.autograd.Function):
+    """:meth:`DistributedLocalAttention.refine` with all four BatchNorms on batch statistics,
+    in chunks of query rows: the expanded maps never exist whole, in the forward nor in the
+    backward, which recomputes them chunk by chunk; only the input map and the (B, H, L, L)
+    output of ``conv_pro`` are kept for the backward.
+
+    Inputs: the map (B, H, L, L), the mask (B, 1, L, L) or None, the weights and BN affines
+    (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale and
+    the rows per chunk. Outputs: the refined map, then each BN's batch mean and unbiased
+    variance (for the running statistics).
+    """
+
+    @staticmethod
+    def _h1(a: torch.Tensor, keep: Optional[torch.Tensor], w1t: torch.Tensor, t1: torch.Tensor,
+            r0: int, r1: int) -> torch.Tensor:
+        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded),
+        times the float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH)."""
+        b, h, n, _ = a.shape
+        x = torch.baddbmm(t1, a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
+        x = x.clamp_(0., 6.).view(b, r1 - r0, n, -1)
+        if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
+            x.mul_(keep[:, 0, r0:r1, :, None])
+        return x
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, mask: Optional[torch.Tensor], w1: torch.Tensor,
+                g1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor,
+                b2: torch.Tensor, w3: torch.Tensor, g3: torch.Tensor, b3: torch.Tensor,
+                g4: torch.Tensor, b4: torch.Tensor, eps: Tuple[float, ...], scale: float,
+                rows: int) -> Tuple[torch.Tensor, ...]:
+        b, h, n, _ = a.shape
+        e = w1.shape[0]
+        pad = w2.shape[-1] // 2
+        w1m, w3m = w1.view(e, h), w3.view(h, e)
+        w1t, w3e = w1m.t().expand(b, h, e), w3m.expand(b, h, e)
+        keep = None if mask is None else mask.to(a.dtype)
+        chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+        halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
+
+        def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
+            return torch.rsqrt(var + eps[i])
+
+        moments = []
+        for r0, r1 in chunks:
+            x = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
+            moments.append(_moments(x, (0, 1)))
+        count, mean1, var1 = _merge_moments(moments)
+        mean1, var1 = mean1.to(a.dtype), var1.to(a.dtype)
+        s1 = g1 * rsqrt(var1, 0)
+        t1 = b1 - mean1 * s1
+        w1f = (w1m * s1[:, None]).t().expand(b, h, e)
+        moments = []
+        for (r0, r1), (s0, s1_) in zip(chunks, halo):
+            x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
+            x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)[:, :, r0 - s0:r1 - s0]
+            moments.append(_moments(x.permute(0, 2, 3, 1), (0, 1, 2)))
+        _, mean2, var2 = _merge_moments(moments)
+        mean2, var2 = mean2.to(a.dtype), var2.to(a.dtype)
+        s2 = g2 * rsqrt(var2, 1)
+        w2f = w2 * s2.view(e, 1, 1, 1)
+        t2 = b2 - mean2 * s2
+        y3 = []
+        for (r0, r1), (s0, s1_) in zip(chunks, halo):
+            x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
+            x = F.conv2d(x.permute(0, 3, 1, 2), w2f, t2, padding=pad, groups=e)
+            x = x[:, :, r0 - s0:r1 - s0].clamp_(0., 6.)
+            y3.append(torch.bmm(w3e, x.reshape(b, e, -1)).view(b, h, r1 - r0, n))
+        y3 = torch.cat(y3, dim=2) if len(y3) > 1 else y3[0]
+        _, mean3, var3 = _moments(y3, (0, 2, 3))
+        s3 = g3 * rsqrt(var3, 2)
+        u = torch.addcmul((b3 - mean3 * s3).view(h, 1, 1), y3, s3.view(h, 1, 1)).add_(a)
+        _, mean4, var4 = _moments(u, (0, 2, 3))
+        s4 = g4 * rsqrt(var4, 3)
+        out = u.mul_((s4 * scale).view(h, 1, 1)).add_(((b4 - mean4 * s4) * scale).view(h, 1, 1))
+        if mask is not None:
+            out.masked_fill_(~mask, 0.)
+        ctx.save_for_backward(a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean1, var1,
+                              mean2, var2, mean3, var3, mean4, var4)
+        ctx.eps, ctx.scale, ctx.rows = eps, scale, rows
+        unbiased = count / max(count - 1, 1)
+        stats = [mean1, var1 * unbiased, mean2, var2 * unbiased, mean3, var3 * unbiased,
+                 mean4, var4 * unbiased]
+        ctx.mark_non_differentiable(*stats)
+        return (out, *stats)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_) -> Tuple[Optional[torch.Tensor], ...]:
+        (a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean1, var1, mean2, var2, mean3,
+         var3, mean4, var4) = ctx.saved_tensors
+        eps, scale, rows = ctx.eps, ctx.scale, ctx.rows
+        b, h, n, _ = a.shape
+        e = w1.shape[0]
+        pad = w2.shape[-1] // 2
+        count = b * n * n
+        keep = None if mask is None else mask.to(a.dtype)
+        w1m, w3m = w1.view(e, h), w3.view(h, e)
+        chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+        r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
+                              enumerate((var1, var2, var3, var4)))
+
+        def bn_backward(g: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor,
+                        rstd: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            """In place on ``g``: d/dx of weight * normed(x) + bias given g = d/dout; and
+            the gradients of weight and bias."""
+            sum_g, sum_gn = g.sum(dim=(0, 2, 3)), (g * normed).sum(dim=(0, 2, 3))
+            g.addcmul_(normed, (sum_gn / -count).view(-1, 1, 1))
+            g.sub_((sum_g / count).view(-1, 1, 1))
+            return g.mul_((weight * rstd).view(-1, 1, 1)), sum_gn, sum_g
+
+        g = grad * scale
+        if mask is not None:
+            g = g.masked_fill(~mask, 0.)
+        s3 = g3 * r3_
+        normed = torch.addcmul((b3 - mean3 * s3).view(h, 1, 1), y3, s3.view(h, 1, 1))
+        normed = normed.add_(a).sub_(mean4.view(h, 1, 1)).mul_(r4_.view(h, 1, 1))
+        grad_u, grad_g4, grad_b4 = bn_backward(g, normed, g4, r4_)
+        normed = (y3 - mean3.view(h, 1, 1)).mul_(r3_.view(h, 1, 1))
+        gy3, grad_g3, grad_b3 = bn_backward(grad_u.clone(), normed, g3, r3_)
+        del normed
+        grad_a = grad_u
+        # recomputation of the expanded maps with the forward's statistics
+        s1 = g1 * r1_
+        t1 = b1 - mean1 * s1
+        w1f = (w1m * s1[:, None]).t().expand(b, h, e)
+        w1t = w1m.t().expand(b, h, e)
+        w3t = w3m.expand(b, h, e)
+
+        def maps(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Rows [r0, r1) of h1 (with the halo needed) -> h1 there, n2 and h2 on rows
+            [r0, r1), channels-last (B, R, L, eH)."""
+            s0, s1_ = max(r0 - pad, 0), min(r1 + pad, n)
+            x1 = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
+            y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
+            n2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1).sub(mean2).mul_(r2_)
+            x2 = torch.addcmul(b2, n2, g2).clamp_(0., 6.)
+            return x1[:, r0 - s0:r1 - s0], n2, x2
+
+        grad_w3 = torch.zeros_like(w3m)
+        sum_gz2, sum_gz2n2 = 0., 0.
+        for r0, r1 in chunks:
+            _, n2, x2 = maps(r0, r1)
+            gy = gy3[:, :, r0:r1].reshape(b, h, -1)
+            grad_w3 += torch.bmm(gy, x2.reshape(b, -1, e)).sum(0)
+            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
+            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
+            sum_gz2 = sum_gz2 + gz2.sum(dim=(0, 1, 2))
+            sum_gz2n2 = sum_gz2n2 + (gz2 * n2).sum(dim=(0, 1, 2))
+        mean_gz2, mean_gz2n2 = sum_gz2 / count, sum_gz2n2 / count
+        w2_flipped = w2.flip(-1, -2)
+        grad_w2 = torch.zeros_like(w2)
+        gz1_chunks = []
+        sum_gz1, sum_gz1n1 = 0., 0.
+        for r0, r1 in chunks:
+            f0, f1 = max(r0 - pad, 0), min(r1 + pad, n)  # rows of gy2 that reach rows r0:r1
+            x1, n2, x2 = maps(f0, f1)
+            gy = gy3[:, :, f0:f1].reshape(b, h, -1)
+            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
+            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
+            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, -mean_gz2n2).mul_(g2 * r2_)
+            gy2 = gy2.permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
+            gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
+            # depthwise weight gradient from the output rows r0:r1 and their input rows
+            s0, s1_ = max(r0 - pad, 0), min(r1 + pad, n)
+            x1_rows = x1[:, s0 - f0:s1_ - f0].permute(0, 3, 1, 2)
+            x1_rows = F.pad(x1_rows, (0, 0, pad - (r0 - s0), pad - (s1_ - r1)))
+            grad_w2 += torch.ops.aten.convolution_backward(
+                gy2[:, :, r0 - f0:r1 - f0], x1_rows, w2, None, [1, 1], [0, pad], [1, 1], False,
+                [0, 0], e, [False, True, False])[1]
+            h1 = x1[:, r0 - f0:r1 - f0]
+            gz1 = torch.ops.aten.hardtanh_backward(gh1.permute(0, 2, 3, 1), h1, 0., 6.)
+            n1 = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
+            n1 = n1.view_as(gz1).sub_(mean1).mul_(r1_)
+            sum_gz1 = sum_gz1 + gz1.sum(dim=(0, 1, 2))
+            sum_gz1n1 = sum_gz1n1 + (gz1 * n1).sum(dim=(0, 1, 2))
+            gz1_chunks.append(gz1)
+        mean_gz1, mean_gz1n1 = sum_gz1 / count, sum_gz1n1 / count
+        grad_w1 = torch.zeros_like(w1m)
+        for (r0, r1), gz1 in zip(chunks, gz1_chunks):
+            ar = a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2)  # (B, R*L, H)
+            n1 = torch.bmm(ar, w1t).view_as(gz1).sub_(mean1).mul_(r1_)
+            gy1 = gz1.sub_(mean_gz1).addcmul_(n1, -mean_gz1n1).mul_(g1 * r1_).view(b, -1, e)
+            grad_w1 += torch.bmm(gy1.transpose(1, 2), ar).sum(0)
+            grad_a[:, :, r0:r1] += torch.bmm(w1t, gy1.transpose(1, 2)).view(b, h, r1 - r0, n)
+        return (grad_a, None, grad_w1.view_as(w1), sum_gz1n1, sum_gz1, grad_w2, sum_gz2n2,
+                sum_gz2, grad_w3.view_as(w3), grad_g3, grad_b3, grad_g4, grad_b4, None, None,
+                None)
+
+
 class DistributedLocalAttention(nn.Module):
     """The refiner ("conv_exapnd" DLA of the public code) on attention maps (B, H, L, L).
 
@@ -55,6 +338,12 @@ class DistributedLocalAttention(nn.Module):
     plus the input. ``mask`` (B, 1, L, L), True where query and key are real tokens: the expanded
     maps are zeroed elsewhere before the depthwise conv, so that padding tokens of a partial window
     act like the conv's own zero padding.
+
+    :meth:`forward` is this formulation, module by module. The sharing block calls
+    :meth:`refine`, the same numbers computed for speed and memory: the 1x1 convs as matrix
+    products over the head axis producing channels-last maps (the depthwise conv's fast layout),
+    BatchNorms that use running statistics folded into the convs, in-place activations, and
+    under autograd the maps recomputed in the backward instead of stored.
     """
 
     def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3):
@@ -76,6 +365,107 @@ class DistributedLocalAttention(nn.Module):
             x.masked_fill_(~mask, 0.)
         x = self.act(self.bn2(self.depth_sep_conv(self.act(x))))
         return self.bn3(self.conv_pro(x)).add_(attn)
+
+    def refine(self, attn: torch.Tensor, out_norm: nn.modules.batchnorm._BatchNorm,
+               scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out_norm(self(attn, mask)) * scale``, zeroed where ``mask`` is False: (B, H, L, L).
+
+        Under autograd the backward recomputes the expanded maps: besides ``attn`` (kept by the
+        computing block anyway) at most one (B, H, L, L) map is kept, instead of ~15 map-sized
+        tensors of the module formulation (what bounded the training memory).
+        """
+        norms = (self.bn1, self.bn2, self.bn3, out_norm)
+        train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
+        b, _, n, _ = attn.shape
+        rows = _chunk_rows(n, b * self.conv_exp.out_channels * n, attn.device)
+        if len(train_norms) == len(norms) and self.depth_sep_conv.kernel_size[0] % 2 and all(
+                type(bn) is nn.BatchNorm2d and bn.affine for bn in norms):
+            out, *stats = _RefineWithBatchStats.apply(
+                attn, mask, self.conv_exp.weight, self.bn1.weight, self.bn1.bias,
+                self.depth_sep_conv.weight, self.bn2.weight, self.bn2.bias, self.conv_pro.weight,
+                self.bn3.weight, self.bn3.bias, out_norm.weight, out_norm.bias,
+                tuple(bn.eps for bn in norms), scale, rows)
+            _update_running_stats(norms, [
+                stat for i, bn in enumerate(norms) if bn.track_running_stats
+                for stat in stats[2 * i:2 * i + 2]])
+            return out
+        if not train_norms:
+            fn = partial(self._refine_folded, out_norm=out_norm, scale=scale, rows=rows)
+        elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
+            fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
+        else:  # e.g. SyncBatchNorm in training: its own forward gathers the statistics
+            out = out_norm(self(attn, mask)).mul_(scale)
+            return out if mask is None else out.masked_fill_(~mask, 0.)
+        if torch.is_grad_enabled() and (attn.requires_grad or
+                                        any(p.requires_grad for p in self.parameters())):
+            out, *batch_stats = cp.checkpoint(fn, attn, mask, use_reentrant=False,
+                                              preserve_rng_state=False)
+        else:
+            out, *batch_stats = fn(attn, mask)
+        _update_running_stats(train_norms, batch_stats)
+        return out
+
+    def _refine_batch_stats(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
+                            out_norm: nn.modules.batchnorm._BatchNorm,
+                            scale: float) -> List[torch.Tensor]:
+        """:meth:`refine` for BatchNorms that (may) use batch statistics: the refined map, then
+        the batch statistics for :func:`_update_running_stats`."""
+        b, h, n, _ = attn.shape
+        e = self.conv_exp.out_channels
+        stats: List[torch.Tensor] = []
+        # The 1x1 convs as matrix products over the head axis. The maps stay contiguous
+        # (B, C, L, L): BatchNorm's and ReLU6's backward are slow on channels-last maps.
+        x = torch.bmm(self.conv_exp.weight.view(e, h).expand(b, e, h), attn.reshape(b, h, n * n))
+        x = _batch_norm(x.view(b, e, n, n), self.bn1, stats)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.)
+        x = self.depth_sep_conv(self.act(x))
+        x = self.act(_batch_norm(x, self.bn2, stats))
+        x = torch.bmm(self.conv_pro.weight.view(h, e).expand(b, h, e), x.reshape(b, e, n * n))
+        x = _batch_norm(x.view(b, h, n, n), self.bn3, stats).add_(attn)
+        x = _batch_norm(x, out_norm, stats).mul_(scale)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.)
+        return [x, *stats]
+
+    def _refine_folded(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
+                       out_norm: nn.modules.batchnorm._BatchNorm, scale: float,
+                       rows: int) -> List[torch.Tensor]:
+        """:meth:`refine` with every BatchNorm on running statistics, folded into the convs:
+        ``relu6(W1 a + b1)``, ``relu6(dw(.) + b2)``, ``W3 (.) + k a + b3``, in chunks of query
+        rows (with the depthwise conv's halo) so that the expanded maps never exist whole."""
+        b, h, n, _ = attn.shape
+        e = self.conv_exp.out_channels
+        s1, t1 = _bn_scale_shift(self.bn1)
+        s2, t2 = _bn_scale_shift(self.bn2)
+        s3, t3 = _bn_scale_shift(self.bn3)
+        s4, t4 = _bn_scale_shift(out_norm)
+        w1 = (self.conv_exp.weight.view(e, h) * s1[:, None]).t().expand(b, h, e)
+        w2 = self.depth_sep_conv.weight * s2.view(e, 1, 1, 1)
+        k = s4 * scale  # out_norm(bn3(y) + a) * scale = k * s3 * y + k * a + bias
+        w3 = (self.conv_pro.weight.view(h, e) * (k * s3)[:, None]).expand(b, h, e)
+        b3 = (k * t3 + t4 * scale).view(h, 1)
+        k = k.view(h, 1)
+        kernel = self.depth_sep_conv.kernel_size[0]
+        top, bottom = (kernel - 1) // 2, kernel // 2
+        keep = None if mask is None else mask.to(attn.dtype)
+        chunks = []
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            i0, i1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
+            x = torch.baddbmm(t1, attn[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2), w1)
+            # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often are)
+            x = F.hardtanh(x, 0., 6., inplace=True).view(b, i1 - i0, n, e)
+            if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
+                x.mul_(keep[:, 0, i0:i1, :, None])
+            x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
+            x = F.hardtanh(x[:, :, r0 - i0:r1 - i0], 0., 6., inplace=True)
+            out = torch.addcmul(b3, attn[:, :, r0:r1].reshape(b, h, -1), k)
+            out = out.baddbmm_(w3, x.reshape(b, e, -1))
+            if keep is not None:
+                out.mul_(keep[:, :, r0:r1].reshape(b, 1, -1))
+            chunks.append(out.view(b, h, r1 - r0, n))
+        return [torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]]
 
 
 class RefinedAttention(nn.Module):
@@ -136,9 +526,7 @@ class RefinedAttention(nn.Module):
         if self.share:
             v = self.v(x).view(b, n, self.num_heads, -1).transpose(1, 2)
             with torch.autocast(x.device.type, enabled=False):
-                attn = self.adapt_bn(self.dla(prev.to(map_dtype), pairs)).mul_(self.scale)
-            if pairs is not None:
-                attn.masked_fill_(~pairs, 0.)
+                attn = self.dla.refine(prev.to(map_dtype), self.adapt_bn, self.scale, pairs)
             passed = prev
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -146,7 +534,8 @@ class RefinedAttention(nn.Module):
                 # The public code scales q and k by sqrt(scale) each: the same logits.
                 attn = (q.to(map_dtype) * self.scale) @ k.to(map_dtype).transpose(-2, -1)
                 if valid is not None:
-                    attn = attn.masked_fill(~valid[:, None, None, :], float('-inf'))
+                    # in place: the logits are not kept for the backward
+                    attn.masked_fill_(~valid[:, None, None, :], float('-inf'))
                 attn = attn.softmax(dim=-1)
                 if prev is not None:
                     attn = attn + self.scale * prev

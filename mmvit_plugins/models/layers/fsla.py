@@ -287,7 +287,9 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
             scores = torch.baddbmm(tail_scores, unit, unit_feats, alpha=sharpness)
             if i < iters:
                 sums = torch.baddbmm(eps, scores.softmax(dim=1), group_raw)
-        within = (scores[:, 0] / scores[:, 1]).argsort(dim=-1)
+        # stable: equal keys (identical tokens, e.g. of a constant image region) keep their
+        # order, as in ONNX's TopK, so exported graphs form the same groups
+        within = (scores[:, 0] / scores[:, 1]).argsort(dim=-1, stable=True)
         within = within.view(rows, num_slots).index_select(1, child_slots[level])
         if level == shape.num_levels - 1:
             token = group_scored[..., -1].gather(1, within.view(rows * groups, n))

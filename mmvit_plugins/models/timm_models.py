@@ -441,31 +441,11 @@ class RefinerViTClassifier(_TimmModel):
                 f'pyramid levels {missing} are not built: the backbone was built with '
                 f'out_indices={self.stage_indices}; create the model with features_only=True '
                 f'and out_indices={tuple(take)}')
-        if norm:
-            maps = dict(zip(self.stage_indices, self.backbone(x)))
-        else:
-            maps = self._pyramid_without_norms(x)
+        maps = dict(zip(self.stage_indices, self.backbone(x, norm=norm)))
         intermediates = [maps[i] for i in take]
         if intermediates_only:
             return intermediates
         return self.forward_features(x), intermediates
-
-    def _pyramid_without_norms(self, x: torch.Tensor) -> Dict[int, torch.Tensor]:
-        """The backbone's forward without its ``out_norm{i}``: level -> (B, C, h_i, w_i)."""
-        backbone = self.backbone
-        dtype, size = output_dtype(x), x.shape[-2:]
-        tokens, (h, w) = backbone.forward_tokens(x)
-        by_block = dict(zip(backbone._feature_blocks, tokens))
-        feats = []
-        for i in self.stage_indices:
-            t = by_block[backbone.pyramid_block_indexes[i]][:, self.num_extra_tokens:]
-            feats.append(t.transpose(1, 2).reshape(t.shape[0], self.num_features, h, w))
-        maps = {}
-        for i, out in zip(self.stage_indices, backbone.pyramid(feats)):
-            stride = STAGE_STRIDES[i]
-            maps[i] = out[..., :-(-size[0] // stride), :-(-size[1] // stride)].contiguous().to(
-                dtype)
-        return maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, extra + N, C) normed tokens -> logits (B, num_classes), or the pooled token

@@ -867,9 +867,10 @@ class RefinerViT(PyramidBackbone):
                 outs.append(x)
         return outs, (h, w)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, norm: bool = True) -> Tuple[torch.Tensor, ...]:
         """(B, in_channels, H, W) -> one (B, embed_dims, ceil(H/s), ceil(W/s)) map per
-        ``out_indices`` entry, s = 4 * 2**i, all in one dtype (autocast's under it).
+        ``out_indices`` entry, s = 4 * 2**i, all in one dtype (autocast's under it);
+        ``norm=False`` leaves out the ``out_norm{i}`` (timm's ``forward_intermediates``).
 
         The token grid covers the image padded to a multiple of 16; every level is cropped to
         the maps of the real pixels, as the hierarchical backbones give."""
@@ -884,7 +885,8 @@ class RefinerViT(PyramidBackbone):
         outs = []
         for i, out in zip(self.out_indices, self.pyramid(feats)):
             stride = PYRAMID_STRIDES[i]
-            out = getattr(self, f'out_norm{i}')(out)
+            if norm:
+                out = getattr(self, f'out_norm{i}')(out)
             out = out[..., :ceil_div(size[0], stride), :ceil_div(size[1], stride)]
             outs.append(out.contiguous().to(dtype))
         return tuple(outs)

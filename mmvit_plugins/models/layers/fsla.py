@@ -67,18 +67,13 @@ def num_levels(num_tokens: Size, group_size: int) -> int:
     """k = ceil(log2(N / m)) (0 for N <= m): the smallest k with ``m * 2**k >= N``.
 
     Found by comparing sizes, so that a compiled graph with dynamic shapes guards on k rather
-    than N, and an exported graph keeps the k of its export size (it serves the sizes with the
-    same k; :func:`level_range`).
+    than N, and an exported graph keeps the k of its export size: it serves the token counts
+    in ``(m * 2**(k-1), m * 2**k]``.
     """
     k = 0
     while group_size << k < num_tokens:
         k += 1
     return k
-
-
-def level_range(levels: int, group_size: int) -> Tuple[int, int]:
-    """The token counts N with ``levels`` levels: ``(m * 2**(k-1), m * 2**k]`` (k = 0: 1..m)."""
-    return (group_size << levels >> 1) + 1 if levels else 1, group_size << levels
 
 
 @lru_cache(maxsize=16)
@@ -455,4 +450,4 @@ class FeatureSpaceLocalAttention(nn.Module):
 
 __all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
                       'balanced_clustering', 'build_group_layout', 'cluster_slots',
-                      'group_layout', 'level_range', 'num_levels', 'slot_features']
+                      'group_layout', 'num_levels', 'slot_features']

@@ -81,12 +81,10 @@ def _count_offsets(num_levels: int) -> torch.Tensor:
     """(k + 1, 2**k) r with the real tokens of group g at level l = ``(N + r[l, g]) // 2**l``
     (first 2**l entries): a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
     ``c // 2``, i.e. offsets ``r + 2**l`` and ``r``."""
-    offsets = torch.zeros(num_levels + 1, 1 << num_levels, dtype=torch.long)
-    row = torch.zeros(1, dtype=torch.long)
+    rows = [torch.zeros(1, dtype=torch.long)]
     for level in range(num_levels):
-        row = torch.stack([row + (1 << level), row], 1).flatten()
-        offsets[level + 1, :row.numel()] = row
-    return offsets
+        rows.append(torch.stack([rows[-1] + (1 << level), rows[-1]], 1).flatten())
+    return torch.stack([F.pad(row, (0, (1 << num_levels) - row.numel())) for row in rows])
 
 
 def _level_counts(num_tokens: Size, levels: int, device: torch.device) -> List[torch.Tensor]:
@@ -191,10 +189,8 @@ def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> t
 @lru_cache(maxsize=16)
 def _half_pattern(half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(2, 2 * half): ones then zeros, and zeros then ones."""
-    pattern = torch.zeros(2, 2 * half, dtype=dtype, device=device)
-    pattern[0, :half] = 1
-    pattern[1, half:] = 1
-    return pattern
+    first = torch.arange(2 * half, device=device) < half
+    return torch.stack([first, ~first]).to(dtype)
 
 
 def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

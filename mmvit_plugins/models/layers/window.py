@@ -42,14 +42,14 @@ def window_reverse(windows: torch.Tensor, window: Window, h: int, w: int) -> tor
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def _padded_grid(hw: Tuple[Size, Size], window: Tuple[int, int],
-                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For an (H, W) map padded to whole windows: per row and per column of the padded map,
-    True where :func:`pad_to_multiple` added it; (Hp,) and (Wp,) bool."""
+def _padding_map(hw: Tuple[Size, Size], window: Tuple[int, int],
+                 device: torch.device) -> torch.Tensor:
+    """(Hp, Wp) bool: the (H, W) map padded to whole windows, True where
+    :func:`pad_to_multiple` added a token."""
     (h, w), (mh, mw) = hw, window
     rows = torch.arange(h + pad_to(h, mh), device=device) >= h
     cols = torch.arange(w + pad_to(w, mw), device=device) >= w
-    return rows, cols
+    return rows[:, None] | cols[None, :]
 
 
 def _needs_no_mask(hw: Tuple[Size, Size], window: Tuple[int, int], shift_size: int = 0) -> bool:
@@ -68,8 +68,7 @@ def window_padding_mask(hw: Tuple[Size, Size], window: Window,
     window = _pair(window)
     if _needs_no_mask(hw, window):
         return None
-    rows, cols = _padded_grid(hw, window, device)
-    padding = rows[:, None] | cols[None, :]
+    padding = _padding_map(hw, window, device)
     return window_partition(padding[None, :, :, None], window).squeeze(-1)
 
 
@@ -95,12 +94,14 @@ def window_attention_mask(hw: Tuple[Size, Size], window: Window, shift_size: int
     window = _pair(window)
     if _needs_no_mask(hw, window, shift_size):
         return None
-    rows, cols = _padded_grid(hw, window, device)
-    region = torch.zeros(rows.shape[0], cols.shape[0], dtype=torch.long, device=device)
+    padding = _padding_map(hw, window, device)
+    hp, wp = padding.shape
     if shift_size:
-        region = (3 * _shift_regions(rows.shape[0], window[0], shift_size, device)[:, None]
-                  + _shift_regions(cols.shape[0], window[1], shift_size, device)[None, :])
-    padding = torch.roll(rows[:, None] | cols[None, :], (-shift_size, -shift_size), (0, 1))
+        region = (3 * _shift_regions(hp, window[0], shift_size, device)[:, None]
+                  + _shift_regions(wp, window[1], shift_size, device)[None, :])
+    else:
+        region = torch.zeros(hp, wp, dtype=torch.long, device=device)
+    padding = torch.roll(padding, (-shift_size, -shift_size), (0, 1))
     region = region.masked_fill(padding, -1)[None, :, :, None]
     region = window_partition(region, window).squeeze(-1)
     mask = (region[:, None, :] != region[:, :, None]).float() * -100.

@@ -22,6 +22,7 @@ from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
 from mmvit_plugins.utils.runtime import (
     DictAction,
     configure_amp,
+    configure_compile,
     prepare_config,
     seed_from_checkpoint,
     shut_down_distributed,
@@ -74,6 +75,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = prepare_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     configure_amp(cfg, args.amp)
+    configure_compile(cfg)
     if args.auto_scale_lr:
         enable_auto_scale_lr(cfg)
     if args.resume == 'auto':

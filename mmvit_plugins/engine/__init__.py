@@ -1,8 +1,11 @@
 """Training-loop pieces registered in mmengine's root registries: exact resume
-(``RandomStateHook``) and CPU mixed precision (``CPUAmpOptimWrapper``)."""
+(``RandomStateHook``), CPU mixed precision (``CPUAmpOptimWrapper``) and ``torch.compile`` in
+training (``TraceableParamGroupsHook``, ``CompileModulesHook``)."""
+from .compile import CompileModulesHook, TraceableParamGroupsHook, compile_options
 from .hooks import RandomStateHook, capture_random_states, restore_random_states
 from .optim_wrappers import CPUAmpOptimWrapper
 
 __all__ = [
-    'CPUAmpOptimWrapper', 'RandomStateHook', 'capture_random_states', 'restore_random_states'
+    'CPUAmpOptimWrapper', 'CompileModulesHook', 'RandomStateHook', 'TraceableParamGroupsHook',
+    'capture_random_states', 'compile_options', 'restore_random_states'
 ]

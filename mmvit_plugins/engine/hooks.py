@@ -209,3 +209,4 @@ class RandomStateHook(Hook):
             loop.dataloader_iterator = _RestoreBeforeFetch(loop, runner.iter, state)
         else:
             restore_random_states(state)
+

@@ -6,6 +6,8 @@ import torch
 from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exported for tools)
 from mmengine.logging import print_log
 
+from ..engine import TraceableParamGroupsHook, compile_options
+
 SUPPORTED_SCOPES = ('mmdet', 'mmseg')
 
 
@@ -129,6 +131,33 @@ def configure_amp(cfg: Config, enable: bool = False) -> None:
         print_log(f'CUDA is not available: AmpOptimWrapper (dtype={dtype}) switched to '
                   f'CPUAmpOptimWrapper (bfloat16 autocast of {parts}, no loss scale)',
                   logger='current', level=30)
+
+
+def configure_compile(cfg: Config) -> None:
+    """``torch.compile`` for tools/train.py, in place, from mmengine's ``compile`` option
+    (``True`` or a dict of ``torch.compile`` keyword arguments; checked here).
+
+    A segmentor keeps mmengine's meaning, its whole ``train_step`` compiled, with
+    ``TraceableParamGroupsHook`` added so that dynamo can trace the optimizer. A detector's
+    training step cannot be captured (data-dependent proposal counts; dynamo fails in mmengine's
+    ``InstanceData``): its ``compile`` becomes a ``CompileModulesHook`` compiling backbone and
+    neck with the same options, and a message says so.
+    """
+    option = cfg.get('compile')
+    if option is None or option is False:
+        return
+    options = compile_options(option)
+    hooks = cfg.setdefault('custom_hooks', [])
+    if config_scope(cfg) == 'mmdet':
+        modules = [name for name in ('backbone', 'neck') if name in cfg.model]
+        cfg.compile = None
+        hooks.append(dict(type='CompileModulesHook', modules=modules, **options))
+        print_log(f'compile={option!r}: a detector\'s training step has data-dependent shapes, so '
+                  f'{" and ".join(modules)} are compiled (CompileModulesHook) instead of the '
+                  'whole train_step', logger='current')
+    elif not any(hook.get('type') in ('TraceableParamGroupsHook', TraceableParamGroupsHook)
+                 for hook in hooks):
+        hooks.append(dict(type='TraceableParamGroupsHook'))
 
 
 def seed_from_checkpoint(cfg: Config, checkpoint: Optional[str], trust: bool = False) -> None:

@@ -1,0 +1,160 @@
+"""``compile`` in a config trains: mmengine compiles the whole ``train_step`` (forward, backward,
+optimizer step) with ``torch.compile``; ``TraceableParamGroupsHook`` gives dynamo plain-dict
+parameter groups to trace. The first iterations' losses of the toy UperNet and Mask R-CNN equal
+eager training's for every backbone family (dynamo's ``eager`` backend keeps it fast: the point
+is the capture of mmengine's, mmseg's and mmdet's training step around our backbones; the
+backbones' numerics under aot_eager are ``tests/test_capture.py``'s)."""
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.registry import MODELS
+
+from mmvit_plugins.engine import CompileModulesHook, TraceableParamGroupsHook
+from mmvit_plugins.utils.runtime import configure_compile, register_scope
+
+from .conftest import TINY_BACKBONES
+from .helpers import ROOT, load_tool
+from .test_dist import TOY_SIZE, dump, tiny_upernet_config
+
+FAMILIES = sorted(TINY_BACKBONES)
+DET_CONFIGS = {
+    'BOATSwin': 'mask_rcnn_boat_swin_t_fpn_1x_coco.py',
+    'BOATCSWin': 'mask_rcnn_boat_cswin_t_fpn_1x_coco.py',
+    'MAFormer': 'mask_rcnn_maformer_t_fpn_1x_coco.py',
+    'RefinerViT': 'mask_rcnn_refiner_vit_s_fpn_1x_coco.py',
+}
+ITERS = 2
+
+
+def tiny_mask_rcnn_config(tmp_path: Path, backbone_type: str, iters: int) -> Config:
+    """The family's Mask R-CNN config on a 4-image toy set (one image size), with the tiny
+    backbone, 16-channel FPN and heads, ``iters`` iterations of batch 2 and exact losses logged."""
+    toy = load_tool('tools/misc/make_toy_dataset.py')
+    root = toy.make_det_toy(str(tmp_path / 'coco'), num_train=4, num_val=1, size=TOY_SIZE)
+    cfg = Config.fromfile(str(ROOT / 'configs' / DET_CONFIGS[backbone_type]))
+    toy.toy_overrides(cfg, 'det', str(root), TOY_SIZE)
+    cfg.model.backbone.update(TINY_BACKBONES[backbone_type], init_cfg=None)
+    kwargs = {k: v for k, v in cfg.model.backbone.items() if k != 'type'}
+    register_scope('mmdet')
+    model = cfg.model
+    model.neck.update(in_channels=list(MODELS.get(backbone_type)(**kwargs).num_features),
+                      out_channels=16)
+    model.rpn_head.update(in_channels=16, feat_channels=16)
+    roi = model.roi_head
+    roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = 16
+    roi.bbox_head.update(in_channels=16, fc_out_channels=32)
+    roi.mask_head.update(in_channels=16, conv_out_channels=16)
+    model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
+    model.train_cfg.rcnn.sampler.num = 64
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters)
+    cfg.train_dataloader.batch_size = 2
+    cfg.train_dataloader.sampler = dict(type='DefaultSampler', shuffle=False)
+    cfg.train_dataloader.pop('batch_sampler', None)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=iters)
+    cfg.default_hooks.logger.interval = 1
+    cfg.log_processor = dict(by_epoch=False, window_size=1, num_digits=10)
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def train_losses(cfg: Config, work_dir: Path, backend: Optional[str] = None) -> Dict[int, float]:
+    """Run tools/train.py in this process, compiled with dynamo ``backend`` if given
+    (``--cfg-options compile.backend=...``, as a user writes it); return the logged loss per
+    iteration, read from the run's text log (a second run in one process writes its
+    ``vis_data`` into the first run's folder: mmengine's visualizer is a global instance)."""
+    train = load_tool('tools/train.py')
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    config = dump(cfg, work_dir.with_suffix('.py'))
+    argv = [str(config), '--work-dir', str(work_dir)]
+    if backend is not None:
+        argv += ['--cfg-options', f'compile.backend={backend}']
+    torch._dynamo.reset()
+    try:
+        train.main(argv)
+    finally:
+        torch._dynamo.reset()
+    (log,) = work_dir.glob('*/*.log')
+    return {int(i): float(loss) for i, loss in
+            re.findall(r'Iter\(train\) \[\s*(\d+)/\d+\].*?  loss: ([0-9.e+-]+)', log.read_text())}
+
+
+def test_compile_option_is_checked_and_chooses_the_hooks(tmp_path):
+    seg = tiny_upernet_config(tmp_path, 'MAFormer', iters=1, checkpoint_interval=1)
+    for bad, message in [('yes', "compile='yes'; allowed values: True, False or a dict"),
+                         (dict(backend='eager', fullgrph=True), "unknown key(s) ['fullgrph']")]:
+        seg.compile = bad
+        with pytest.raises(ValueError) as error:
+            configure_compile(seg)
+        assert message in str(error.value) and 'backend' in str(error.value)
+    seg.compile = False
+    before = seg.custom_hooks.copy()
+    configure_compile(seg)
+    assert seg.custom_hooks == before
+    seg.compile = True
+    configure_compile(seg)
+    assert [h['type'] for h in seg.custom_hooks].count('TraceableParamGroupsHook') == 1
+    assert seg.compile is True  # a segmentor's whole train_step: mmengine compiles it
+
+    det = tiny_mask_rcnn_config(tmp_path, 'MAFormer', iters=1)
+    det.compile = dict(backend='eager', dynamic=False)
+    configure_compile(det)
+    assert det.compile is None
+    assert det.custom_hooks[-1] == dict(type='CompileModulesHook', modules=['backbone', 'neck'],
+                                        backend='eager', dynamic=False)
+
+
+def test_traceable_param_groups_hook_keeps_the_groups():
+    register_scope('mmseg')
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    from mmengine.optim import build_optim_wrapper
+    wrapper = build_optim_wrapper(model, ConfigDict(
+        optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01),
+        paramwise_cfg=dict(norm_decay_mult=0.0)))
+    groups = wrapper.optimizer.param_groups
+    assert all(isinstance(group, ConfigDict) for group in groups)  # mmengine's constructor
+    before = [(dict(group), [id(p) for p in group['params']]) for group in groups]
+
+    class Runner:
+        optim_wrapper = wrapper
+
+    TraceableParamGroupsHook().before_train(Runner)
+    groups = wrapper.optimizer.param_groups
+    assert all(type(group) is dict for group in groups)
+    assert [(group, [id(p) for p in group['params']]) for group in groups] == before
+
+
+def test_compile_modules_hook_names_bad_modules():
+    with pytest.raises(ValueError, match=r"modules='backbone': expected a non-empty list"):
+        CompileModulesHook(modules='backbone')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['mdoe'\]"):
+        CompileModulesHook(mdoe='max-autotune')
+
+    class Runner:
+        model = torch.nn.Sequential()
+    Runner.model.add_module('backbone', torch.nn.Identity())
+    with pytest.raises(ValueError, match=r"names \['neck'\], which the model does not have; "
+                                         r"allowed: \['backbone'\]"):
+        CompileModulesHook(modules=['backbone', 'neck']).before_train(Runner)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('task', ['seg', 'det'])
+def test_compiled_training_equals_eager(tmp_path, task, family):
+    """tools/train.py with ``--cfg-options compile.backend=eager``: dynamo captures the step
+    (segmentor: whole train_step with the optimizer; detector: backbone and neck) and the first
+    iterations' losses equal eager training's."""
+    make = tiny_upernet_config if task == 'seg' else tiny_mask_rcnn_config
+    extra = dict(checkpoint_interval=ITERS) if task == 'seg' else {}
+    cfg = make(tmp_path, family, ITERS, **extra)
+    eager = train_losses(cfg.copy(), tmp_path / 'eager')
+    torch._dynamo.utils.counters.clear()
+    compiled = train_losses(cfg.copy(), tmp_path / 'compiled', backend='eager')
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > 0
+    assert sorted(compiled) == sorted(eager) == list(range(1, ITERS + 1))
+    for i in eager:
+        assert compiled[i] == pytest.approx(eager[i], rel=1e-5)

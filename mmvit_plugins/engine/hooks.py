@@ -209,4 +209,3 @@ class RandomStateHook(Hook):
             loop.dataloader_iterator = _RestoreBeforeFetch(loop, runner.iter, state)
         else:
             restore_random_states(state)
-

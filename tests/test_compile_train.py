@@ -1,9 +1,10 @@
-"""``compile`` in a config trains: mmengine compiles the whole ``train_step`` (forward, backward,
-optimizer step) with ``torch.compile``; ``TraceableParamGroupsHook`` gives dynamo plain-dict
-parameter groups to trace. The first iterations' losses of the toy UperNet and Mask R-CNN equal
-eager training's for every backbone family (dynamo's ``eager`` backend keeps it fast: the point
-is the capture of mmengine's, mmseg's and mmdet's training step around our backbones; the
-backbones' numerics under aot_eager are ``tests/test_capture.py``'s)."""
+"""``compile`` in a config trains: mmengine compiles a segmentor's whole ``train_step`` with
+``torch.compile``, ``EagerOptimizerHook`` keeping the optimizer step out of dynamo; a
+detector's backbone and neck are compiled (``CompileModulesHook``). The first iterations' losses
+of the toy UperNet and Mask R-CNN equal eager training's for every backbone family (dynamo's
+``eager`` backend keeps it fast: the point is the capture of mmengine's, mmseg's and mmdet's
+training step around our backbones; the backbones' numerics under aot_eager are
+``tests/test_capture.py``'s)."""
 import re
 from pathlib import Path
 from typing import Dict, Optional
@@ -11,14 +12,15 @@ from typing import Dict, Optional
 import pytest
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS
 
-from mmvit_plugins.engine import CompileModulesHook, TraceableParamGroupsHook
+from mmvit_plugins.engine import CompileModulesHook, EagerOptimizerHook
 from mmvit_plugins.utils.runtime import configure_compile, register_scope
 
 from .conftest import TINY_BACKBONES
 from .helpers import ROOT, load_tool
-from .test_dist import TOY_SIZE, dump, tiny_upernet_config
+from .test_dist import TOY_SIZE, _run_script, dump, logged_losses, tiny_upernet_config
 
 FAMILIES = sorted(TINY_BACKBONES)
 DET_CONFIGS = {
@@ -97,7 +99,7 @@ def test_compile_option_is_checked_and_chooses_the_hooks(tmp_path):
     assert seg.custom_hooks == before
     seg.compile = True
     configure_compile(seg)
-    assert [h['type'] for h in seg.custom_hooks].count('TraceableParamGroupsHook') == 1
+    assert [h['type'] for h in seg.custom_hooks].count('EagerOptimizerHook') == 1
     assert seg.compile is True  # a segmentor's whole train_step: mmengine compiles it
 
     det = tiny_mask_rcnn_config(tmp_path, 'MAFormer', iters=1)
@@ -108,24 +110,54 @@ def test_compile_option_is_checked_and_chooses_the_hooks(tmp_path):
                                         backend='eager', dynamic=False)
 
 
-def test_traceable_param_groups_hook_keeps_the_groups():
-    register_scope('mmseg')
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    from mmengine.optim import build_optim_wrapper
-    wrapper = build_optim_wrapper(model, ConfigDict(
+def _mmengine_optim_wrapper(model: torch.nn.Module):
+    """AdamW from mmengine's constructor with a paramwise option: ``ConfigDict`` groups."""
+    return build_optim_wrapper(model, ConfigDict(
         optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01),
         paramwise_cfg=dict(norm_decay_mult=0.0)))
-    groups = wrapper.optimizer.param_groups
-    assert all(isinstance(group, ConfigDict) for group in groups)  # mmengine's constructor
-    before = [(dict(group), [id(p) for p in group['params']]) for group in groups]
+
+
+def test_eager_optimizer_hook_keeps_the_step_out_of_the_graph():
+    """A compiled train step (forward + ``update_params``) with an lr that changes every
+    iteration: with the hook it compiles once and trains as eager does; without it dynamo fails
+    on mmengine's ``ConfigDict`` parameter groups."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        return model, _mmengine_optim_wrapper(model)
+
+    def train(model, wrapper, step) -> None:
+        for i in range(3):
+            for group in wrapper.optimizer.param_groups:
+                group['lr'] = 1e-3 * (i + 1)  # what a warm-up or poly scheduler does
+            step(model, wrapper, torch.ones(2, 3, 6, 6) * i)
+
+    def step(model, wrapper, x) -> None:
+        wrapper.update_params(model(x).square().mean())
+
+    model, wrapper = make()
+    assert all(isinstance(group, ConfigDict) for group in wrapper.optimizer.param_groups)
+    train(model, wrapper, step)
+    expected = model.state_dict()
+
+    torch._dynamo.reset()
+    model, wrapper = make()
+    with pytest.raises(Exception, match="has no attribute 'items'"):
+        train(model, wrapper, torch.compile(step, backend='eager'))
+
+    torch._dynamo.reset()
+    model, wrapper = make()
 
     class Runner:
         optim_wrapper = wrapper
 
-    TraceableParamGroupsHook().before_train(Runner)
-    groups = wrapper.optimizer.param_groups
-    assert all(type(group) is dict for group in groups)
-    assert [(group, [id(p) for p in group['params']]) for group in groups] == before
+    EagerOptimizerHook().before_train(Runner)
+    torch._dynamo.utils.counters.clear()
+    train(model, wrapper, torch.compile(step, backend='eager'))
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1  # no recompiles
+    torch._dynamo.reset()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
 
 
 def test_compile_modules_hook_names_bad_modules():
@@ -158,3 +190,19 @@ def test_compiled_training_equals_eager(tmp_path, task, family):
     assert sorted(compiled) == sorted(eager) == list(range(1, ITERS + 1))
     for i in eager:
         assert compiled[i] == pytest.approx(eager[i], rel=1e-5)
+
+
+def test_compiled_training_on_two_processes(tmp_path):
+    """tools/dist_train.sh (2 processes, gloo, DDP) with ``compile.backend=eager``: mmengine
+    compiles the DDP wrapper's train_step; the losses equal the eager 2-process run's."""
+    cfg = tiny_upernet_config(tmp_path, 'MAFormer', ITERS, checkpoint_interval=ITERS)
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    config = dump(cfg, tmp_path / 'tiny.py')
+    losses = {}
+    for name, extra in [('eager', []), ('compiled', ['--cfg-options', 'compile.backend=eager'])]:
+        proc, log = _run_script('dist_train.sh', config, '2', '--work-dir', tmp_path / name,
+                                *extra)
+        assert proc.returncode == 0, log
+        losses[name] = logged_losses(tmp_path / name)
+    assert sorted(losses['eager']) == list(range(1, ITERS + 1))
+    assert losses['compiled'] == pytest.approx(losses['eager'], rel=1e-5)

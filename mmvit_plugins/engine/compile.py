@@ -1,10 +1,11 @@
 """``torch.compile`` in mmengine training.
 
 mmengine's ``compile`` option compiles the model's whole ``train_step``: data preprocessing,
-forward, losses, backward and the optimizer step. ``TraceableParamGroupsHook`` makes that work for
-segmentors. A detector's training step cannot be captured that way (proposal and sample counts
-depend on the data, and dynamo fails inside mmengine's ``InstanceData``), so for detectors
-``CompileModulesHook`` compiles the parts with data-independent shapes, backbone and neck.
+forward, losses, backward and the optimizer step. ``EagerOptimizerHook`` makes that work for
+segmentors, with the optimizer step left eager. A detector's training step cannot be captured
+that way (proposal and sample counts depend on the data, and dynamo fails inside mmengine's
+``InstanceData``), so for detectors ``CompileModulesHook`` compiles the parts with
+data-independent shapes, backbone and neck.
 """
 import inspect
 from typing import Any, List, Sequence
@@ -33,15 +34,16 @@ def compile_options(options: Any, name: str = 'compile') -> dict:
 
 
 @HOOKS.register_module()
-class TraceableParamGroupsHook(Hook):
-    """Make the optimizer's parameter groups plain dicts before training, so that dynamo can
-    trace the optimizer step inside a compiled ``train_step``.
+class EagerOptimizerHook(Hook):
+    """Run the optimizer wrapper's ``update_params`` (backward, gradient clipping, step,
+    zero_grad) outside dynamo, so that a compiled ``train_step`` captures the model only.
 
-    mmengine's ``DefaultOptimWrapperConstructor`` builds the optimizer from a ``ConfigDict``, which
-    turns each group into a ``ConfigDict``; dynamo treats those as opaque objects and fails in
-    ``Optimizer.step`` (torch 2.4: ``'UserDefinedObjectVariable' object has no attribute
-    'items'``). The groups keep their keys, values and parameter lists. It runs after a resume
-    has loaded the optimizer state and before the first training step.
+    mmengine's ``compile`` option compiles the whole ``train_step``. Traced by dynamo (torch
+    2.4.1), the optimizer step fails on mmengine's parameter groups (``ConfigDict``s:
+    ``'UserDefinedObjectVariable' object has no attribute 'items'``); with plain-dict groups it is
+    traced, but guarded on each group's float ``lr``, so every scheduler update (warm-up,
+    poly decay: each iteration) recompiles it until dynamo's cache limit sends it back to eager.
+    The backward of the compiled forward still runs AOT autograd's compiled graph.
     """
 
     priority = 'VERY_HIGH'
@@ -49,10 +51,7 @@ class TraceableParamGroupsHook(Hook):
     def before_train(self, runner) -> None:
         wrapper = runner.optim_wrapper
         for each in wrapper.values() if isinstance(wrapper, OptimWrapperDict) else [wrapper]:
-            optimizer = each.optimizer
-            optimizer.param_groups = [
-                group if type(group) is dict else dict(group) for group in optimizer.param_groups
-            ]
+            each.update_params = torch._dynamo.disable(each.update_params)
 
 
 @HOOKS.register_module()

@@ -6,7 +6,7 @@ import torch
 from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exported for tools)
 from mmengine.logging import print_log
 
-from ..engine import TraceableParamGroupsHook, compile_options
+from ..engine import EagerOptimizerHook, compile_options
 
 SUPPORTED_SCOPES = ('mmdet', 'mmseg')
 
@@ -138,7 +138,7 @@ def configure_compile(cfg: Config) -> None:
     (``True`` or a dict of ``torch.compile`` keyword arguments; checked here).
 
     A segmentor keeps mmengine's meaning, its whole ``train_step`` compiled, with
-    ``TraceableParamGroupsHook`` added so that dynamo can trace the optimizer. A detector's
+    ``EagerOptimizerHook`` added, which keeps the optimizer step out of dynamo. A detector's
     training step cannot be captured (data-dependent proposal counts; dynamo fails in mmengine's
     ``InstanceData``): its ``compile`` becomes a ``CompileModulesHook`` compiling backbone and
     neck with the same options, and a message says so.
@@ -155,9 +155,9 @@ def configure_compile(cfg: Config) -> None:
         print_log(f'compile={option!r}: a detector\'s training step has data-dependent shapes, so '
                   f'{" and ".join(modules)} are compiled (CompileModulesHook) instead of the '
                   'whole train_step', logger='current')
-    elif not any(hook.get('type') in ('TraceableParamGroupsHook', TraceableParamGroupsHook)
+    elif not any(hook.get('type') in ('EagerOptimizerHook', EagerOptimizerHook)
                  for hook in hooks):
-        hooks.append(dict(type='TraceableParamGroupsHook'))
+        hooks.append(dict(type='EagerOptimizerHook'))
 
 
 def seed_from_checkpoint(cfg: Config, checkpoint: Optional[str], trust: bool = False) -> None:

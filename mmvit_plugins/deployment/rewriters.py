@@ -18,6 +18,8 @@ exports it (with the package's fix for an explicit scale,
 :mod:`mmvit_plugins.utils.onnx_symbolics`); below, an explicit decomposition with PyTorch's
 semantics.
 
+Mask R-CNN's post-processing: see :mod:`mmvit_plugins.deployment.detection`.
+
 ``mmvit_plugins`` imports this module itself when mmdeploy was imported before it (as mmdeploy's
 own ``tools/deploy.py`` does before it reads a model config that imports ``mmvit_plugins``), and
 ``tools/deployment/*.py`` import it explicitly.
@@ -30,6 +32,7 @@ from mmdeploy.utils import get_ir_config
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from . import detection  # noqa: F401  (registers the Mask R-CNN post-processing rewrites)
 from .pooling import exact_adaptive_avg_pool2d
 
 EXACT_POOLING_BACKENDS = ('onnxruntime', )

@@ -127,6 +127,33 @@ def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, 
     return x.numel() // mean.numel(), mean, var
 
 
+def _tile(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-channel values (C,) -> (n, C), to broadcast over channels-last (..., n, C) maps: the
+    CPU kernels then run one contiguous loop over n * C elements instead of n loops over C
+    (2x faster for C = 36)."""
+    return v.repeat(n).view(n, -1)
+
+
+def _channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sums of a channels-last (..., n, C) map whose last two dims are contiguous
+    (summed as n * C columns first: 3-4x faster on the CPU than over C columns): (C,)."""
+    return x.flatten(-2).sum(dim=tuple(range(x.dim() - 2))).view(x.shape[-2], -1).sum(0)
+
+
+def _channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, biased variance) per channel of a channels-last map, as :func:`_moments`
+    over all dims but the last."""
+    count = x.numel() // x.shape[-1]
+    mean = _channel_sums(x) / count
+    var = _channel_sums((x - _tile(mean, x.shape[-2])).square_()) / count
+    return count, mean, var
+
+
+def _hardtanh_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ReLU6's backward (zero at the bounds) in place on ``grad``."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, 0., 6., grad_input=grad)
+
+
 def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
                    ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, biased variance) of chunks -> of their union (Chan et al.), in float64
@@ -164,11 +191,12 @@ class _RefineWithBatchStats(torch.autograd.Function):
     @staticmethod
     def _h1(a: torch.Tensor, keep: Optional[torch.Tensor], w1t: torch.Tensor, t1: torch.Tensor,
             r0: int, r1: int) -> torch.Tensor:
-        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded),
-        times the float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH)."""
+        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded,
+        ``t1`` tiled (L, eH)), times the float mask ``keep`` (B, 1, L, L): channels-last
+        (B, R, L, eH)."""
         b, h, n, _ = a.shape
-        x = torch.baddbmm(t1, a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
-        x = x.clamp_(0., 6.).view(b, r1 - r0, n, -1)
+        x = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
+        x = x.view(b, r1 - r0, n, -1).add_(t1).clamp_(0., 6.)
         if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
             x.mul_(keep[:, 0, r0:r1, :, None])
         return x
@@ -215,22 +243,22 @@ class _RefineWithBatchStats(torch.autograd.Function):
         mean1 = (w1acc @ mean_a).to(a.dtype)
         var1 = ((w1acc @ cov_a) * w1acc).sum(1).clamp_(min=0.).to(a.dtype)
         s1 = g1 * rsqrt(var1, 0)
-        t1 = b1 - mean1 * s1
+        t1 = _tile(b1 - mean1 * s1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
         y2, moments = [], []
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
             x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
             x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B, R, L, eH)
-            moments.append(_moments(x, (0, 1, 2)))
+            moments.append(_channel_moments(x))
             y2.append(x)
         _, mean2, var2 = _merge_moments(moments)
         mean2, var2 = mean2.to(a.dtype), var2.to(a.dtype)
         s2 = g2 * rsqrt(var2, 1)
-        t2 = b2 - mean2 * s2
+        t2, s2 = _tile(b2 - mean2 * s2, n), _tile(s2, n)
         y3 = []
         for (r0, r1), x in zip(chunks, y2):
-            x = F.hardtanh(torch.addcmul(t2, x, s2), 0., 6., inplace=True)
+            x = torch.addcmul(t2, x, s2).clamp_(0., 6.)
             y3.append(torch.bmm(w3e, x.view(b, -1, e).transpose(1, 2)).view(b, h, r1 - r0, n))
         del y2, x
         y3 = torch.cat(y3, dim=2) if len(y3) > 1 else y3[0]
@@ -289,9 +317,10 @@ class _RefineWithBatchStats(torch.autograd.Function):
         grad_a = grad_u
         # the expanded maps recomputed with the forward's statistics
         s1 = g1 * r1_
-        t1 = b1 - mean1 * s1
+        t1 = _tile(b1 - mean1 * s1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
         w3t = w3m.expand(b, h, e)
+        mean2_t, r2_t, g2_t, b2_t = (_tile(v, n) for v in (mean2, r2_, g2, b2))
         # pass 1: bn2's backward needs sum(gz2) and sum(gz2 * n2) over the whole map first;
         # n2 (bn2's normalised input) is kept for pass 2
         n2_rows = a.new_empty(b, n, n, e) if len(chunks) > 1 else None
@@ -302,35 +331,32 @@ class _RefineWithBatchStats(torch.autograd.Function):
             y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
             if n2_rows is None:
-                n2 = n2_rows = y2.sub_(mean2).mul_(r2_)
+                n2 = n2_rows = y2.sub_(mean2_t).mul_(r2_t)
             else:
-                n2 = torch.sub(y2, mean2, out=n2_rows[:, r0:r1]).mul_(r2_)
-            x2 = F.hardtanh(torch.addcmul(b2, n2, g2), 0., 6., inplace=True)
+                n2 = torch.sub(y2, mean2_t, out=n2_rows[:, r0:r1]).mul_(r2_t)
+            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
             gy = gy3[:, :, r0:r1].reshape(b, h, -1)
             grad_w3 += torch.bmm(gy, x2.view(b, -1, e)).sum(0)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
-            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
-            sum_gz2 = sum_gz2 + gz2.sum(dim=(0, 1, 2))
-            sum_gz2n2 = sum_gz2n2 + (gz2 * n2).sum(dim=(0, 1, 2))
+            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
+            sum_gz2 = sum_gz2 + _channel_sums(gz2)
+            sum_gz2n2 = sum_gz2n2 + _channel_sums(gz2.mul_(n2))
         del x1, y2, n2, x2, gz2
-        mean_gz2, mean_gz2n2 = sum_gz2 / count, sum_gz2n2 / count
-        a2 = g2 * r2_
+        mean_gz2, neg_mean_gz2n2, a2 = (_tile(v, n) for v in (sum_gz2 / count,
+                                                               sum_gz2n2 / -count, g2 * r2_))
         # pass 2: bn2's and the depthwise conv's backward on rows [r0, r1), from gz2 on the
         # rows around them; bn1's backward: sum(gz1), the products of gz1 with the centred map
         # (H x eH) and with W1 (the map gradient, up to an H x H correction made below)
         w2_flipped = w2.flip(-1, -2)
         grad_w2 = torch.zeros_like(w2)
         sum_gz1, gz1_a = 0., 0.
-        w1s = (w1m * s1[:, None]).t().expand(b, h, e)
         center = mean_a.to(a.dtype).view(h, 1, 1)
         for (r0, r1), (f0, f1) in zip(chunks, halo):
             x1 = _RefineWithBatchStats._h1(a, keep, w1f, t1, f0, f1)
             n2 = n2_rows[:, f0:f1]
-            x2 = F.hardtanh(torch.addcmul(b2, n2, g2), 0., 6., inplace=True)
+            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
             gy = gy3[:, :, f0:f1].reshape(b, h, -1)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
-            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
-            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, -mean_gz2n2).mul_(a2)
+            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
+            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, neg_mean_gz2n2).mul_(a2)
             gy2 = gy2.permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
             gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
             # depthwise weight gradient from the output rows r0:r1 and their input rows
@@ -340,13 +366,12 @@ class _RefineWithBatchStats(torch.autograd.Function):
             grad_w2 += torch.ops.aten.convolution_backward(
                 gy2[:, :, r0 - f0:r1 - f0], x1_rows, w2, None, [1, 1], [0, pad], [1, 1], False,
                 [0, 0], e, [False, True, False])[1]
-            gz1 = torch.ops.aten.hardtanh_backward(gh1.permute(0, 2, 3, 1),
-                                                   x1[:, r0 - f0:r1 - f0], 0., 6.)
+            gz1 = _hardtanh_backward_(gh1.permute(0, 2, 3, 1), x1[:, r0 - f0:r1 - f0])
+            sum_gz1 = sum_gz1 + _channel_sums(gz1)
             gz1 = gz1.view(b, -1, e)
-            sum_gz1 = sum_gz1 + gz1.sum(dim=(0, 1))
             centred = (a[:, :, r0:r1] - center).view(b, h, -1)
             gz1_a = gz1_a + torch.bmm(centred, gz1).sum(0)
-            grad_a[:, :, r0:r1] += torch.bmm(w1s, gz1.transpose(1, 2)).view(b, h, r1 - r0, n)
+            grad_a[:, :, r0:r1] += torch.bmm(w1f, gz1.transpose(1, 2)).view(b, h, r1 - r0, n)
         del x1, n2, x2, gz2, gy2, gh1, gz1, centred, n2_rows
         # bn1: gy1 = s1 (gz1 - mean(gz1)) - s1 r1 mean(gz1 n1) (W1 (a - mu)), n1 its normalised
         # input r1 W1 (a - mu); its sums follow from gz1_a = sum (a - mu) gz1^T (H, eH)

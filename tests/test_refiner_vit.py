@@ -496,31 +496,36 @@ def _assert_grads_close(grads: dict, ref_grads: dict, rel: float = 2e-5) -> None
 def test_backbone_equals_the_module_by_module_refiner(monkeypatch, mode):
     """The whole backbone (windows with padding, global blocks) with ``refine`` replaced by the
     module-by-module refiner: the same outputs (float32, 1e-5 relative), gradients and BN
-    running statistics."""
+    running statistics. With batch-statistics BNs in float64: at initialisation the maps are
+    nearly uniform and these gradients ill-conditioned (see test_refiner_compiles_in_one_graph),
+    so float32 would compare the roundings of the two formulations."""
     from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
-    img = torch.randn(2, 3, 88, 120)  # 6x8 grid: partial 4x4 windows
+    dtype = torch.float64 if mode == 'train' else torch.float32
+    rel = 1e-9 if mode == 'train' else 1e-5
+    img = torch.randn(2, 3, 88, 120, dtype=dtype)  # 6x8 grid: partial 4x4 windows
 
     def run(reference: bool):
         torch.manual_seed(0)
-        model = RefinerViT(**dict(TINY, norm_eval=mode == 'train_norm_eval'))
+        model = RefinerViT(**dict(TINY, norm_eval=mode == 'train_norm_eval')).to(dtype)
         model.train(mode != 'eval')
         with monkeypatch.context() as patch:
             if reference:
                 patch.setattr(DistributedLocalAttention, 'refine',
                               lambda self, a, bn, s, m=None: _reference_refine(self, bn, a, s, m))
             outs = model(img)
-            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+            sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+                for o in outs).backward()
         return outs, model
 
     outs, model = run(False)
     ref_outs, ref_model = run(True)
     for out, ref in zip(outs, ref_outs):
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(out, ref, rtol=0, atol=rel * float(ref.abs().max()))
     grads = dict((k, p.grad) for k, p in model.named_parameters())
     ref_grads = dict((k, p.grad) for k, p in ref_model.named_parameters())
-    _assert_grads_close(grads, ref_grads)
+    _assert_grads_close(grads, ref_grads, 2 * rel)
     for (k, buf), ref in zip(model.named_buffers(), ref_model.buffers()):
-        torch.testing.assert_close(buf, ref, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(buf, ref, rtol=rel, atol=rel / 10, msg=k)
 
 
 @pytest.mark.parametrize('train', [False, True])

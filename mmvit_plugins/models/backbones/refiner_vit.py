@@ -189,17 +189,29 @@ class _RefineWithBatchStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def _h1(a: torch.Tensor, keep: Optional[torch.Tensor], w1t: torch.Tensor, t1: torch.Tensor,
-            r0: int, r1: int) -> torch.Tensor:
+    def _h1(a: torch.Tensor, center: torch.Tensor, keep: Optional[torch.Tensor],
+            w1t: torch.Tensor, t1: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded,
-        ``t1`` tiled (L, eH)), times the float mask ``keep`` (B, 1, L, L): channels-last
-        (B, R, L, eH)."""
+        applied to ``a - center``, the heads' means (H, 1, 1); ``t1`` tiled (L, eH)), times the
+        float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH).
+
+        Centred: nearly uniform maps (at initialisation) make bn1's scale large, and
+        ``s1 * (W1 a) + t1`` would then cancel in float32."""
         b, h, n, _ = a.shape
-        x = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
+        x = torch.bmm((a[:, :, r0:r1] - center).view(b, h, -1).transpose(1, 2), w1t)
         x = x.view(b, r1 - r0, n, -1).add_(t1).clamp_(0., 6.)
         if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
             x.mul_(keep[:, 0, r0:r1, :, None])
         return x
+
+    @staticmethod
+    def _centred_shift(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
+                       b1: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The heads' means in the map's dtype (H, 1, 1) and bn1's shift for the centred map,
+        ``b1 - s1 * W1 (mu - center)``, tiled (L, eH)."""
+        center = mean_a.to(s1.dtype)
+        shift = (w1m.to(mean_a.dtype) @ (mean_a - center.to(mean_a.dtype))).to(s1.dtype)
+        return center.view(-1, 1, 1), _tile(b1 - s1 * shift, n)
 
     @staticmethod
     def _head_moments(a: torch.Tensor, chunks: List[Tuple[int, int]]
@@ -243,11 +255,11 @@ class _RefineWithBatchStats(torch.autograd.Function):
         mean1 = (w1acc @ mean_a).to(a.dtype)
         var1 = ((w1acc @ cov_a) * w1acc).sum(1).clamp_(min=0.).to(a.dtype)
         s1 = g1 * rsqrt(var1, 0)
-        t1 = _tile(b1 - mean1 * s1, n)
+        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
         y2, moments = [], []
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
+            x = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
             x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B, R, L, eH)
             moments.append(_channel_moments(x))
@@ -317,7 +329,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         grad_a = grad_u
         # the expanded maps recomputed with the forward's statistics
         s1 = g1 * r1_
-        t1 = _tile(b1 - mean1 * s1, n)
+        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
         w3t = w3m.expand(b, h, e)
         mean2_t, r2_t, g2_t, b2_t = (_tile(v, n) for v in (mean2, r2_, g2, b2))
@@ -327,7 +339,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         grad_w3 = torch.zeros_like(w3m)
         sum_gz2, sum_gz2n2 = 0., 0.
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x1 = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
+            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
             y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
             if n2_rows is None:
@@ -349,9 +361,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         w2_flipped = w2.flip(-1, -2)
         grad_w2 = torch.zeros_like(w2)
         sum_gz1, gz1_a = 0., 0.
-        center = mean_a.to(a.dtype).view(h, 1, 1)
         for (r0, r1), (f0, f1) in zip(chunks, halo):
-            x1 = _RefineWithBatchStats._h1(a, keep, w1f, t1, f0, f1)
+            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, f0, f1)
             n2 = n2_rows[:, f0:f1]
             x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
             gy = gy3[:, :, f0:f1].reshape(b, h, -1)

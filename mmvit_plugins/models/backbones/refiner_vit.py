@@ -127,6 +127,33 @@ def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, 
     return x.numel() // mean.numel(), mean, var
 
 
+def _tile(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-channel values (C,) -> (n, C), to broadcast over channels-last (..., n, C) maps: the
+    CPU kernels then run one contiguous loop over n * C elements instead of n loops over C
+    (2x faster for C = 36)."""
+    return v.repeat(n).view(n, -1)
+
+
+def _channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sums of a channels-last (..., n, C) map whose last two dims are contiguous
+    (summed as n * C columns first: 3-4x faster on the CPU than over C columns): (C,)."""
+    return x.flatten(-2).sum(dim=tuple(range(x.dim() - 2))).view(x.shape[-2], -1).sum(0)
+
+
+def _channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, biased variance) per channel of a channels-last map, as :func:`_moments`
+    over all dims but the last."""
+    count = x.numel() // x.shape[-1]
+    mean = _channel_sums(x) / count
+    var = _channel_sums((x - _tile(mean, x.shape[-2])).square_()) / count
+    return count, mean, var
+
+
+def _hardtanh_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ReLU6's backward (zero at the bounds) in place on ``grad``."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, 0., 6., grad_input=grad)
+
+
 def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
                    ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, biased variance) of chunks -> of their union (Chan et al.), in float64
@@ -145,9 +172,15 @@ def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
 
 class _RefineWithBatchStats(torch.autograd.Function):
     """:meth:`DistributedLocalAttention.refine` with all four BatchNorms on batch statistics,
-    in chunks of query rows: the expanded maps never exist whole, in the forward nor in the
-    backward, which recomputes them chunk by chunk; only the input map and the (B, H, L, L)
-    output of ``conv_pro`` are kept for the backward.
+    in chunks of query rows, so that the expanded maps never exist whole in the forward.
+
+    ``conv_exp`` is linear in the map, so bn1's statistics come from the heads' mean and
+    covariance (H x H) and its backward reduces to H x H algebra plus two products with the
+    gradient of its output; the depthwise conv's output is kept from the statistics pass to the
+    projection in the forward, and its normalised values from the first backward pass (the
+    sums bn2's backward needs) to the second: one expanded map at a time, only while the
+    Function runs. For the backward only the input map and the (B, H, L, L) output of
+    ``conv_pro`` are kept.
 
     Inputs: the map (B, H, L, L), the mask (B, 1, L, L) or None, the weights and BN affines
     (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale and
@@ -156,16 +189,46 @@ class _RefineWithBatchStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def _h1(a: torch.Tensor, keep: Optional[torch.Tensor], w1t: torch.Tensor, t1: torch.Tensor,
-            r0: int, r1: int) -> torch.Tensor:
-        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded),
-        times the float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH)."""
+    def _h1(a: torch.Tensor, center: torch.Tensor, keep: Optional[torch.Tensor],
+            w1t: torch.Tensor, t1: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded,
+        applied to ``a - center``, the heads' means (H, 1, 1); ``t1`` tiled (L, eH)), times the
+        float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH).
+
+        Centred: nearly uniform maps (at initialisation) make bn1's scale large, and
+        ``s1 * (W1 a) + t1`` would then cancel in float32."""
         b, h, n, _ = a.shape
-        x = torch.baddbmm(t1, a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
-        x = x.clamp_(0., 6.).view(b, r1 - r0, n, -1)
+        x = torch.bmm((a[:, :, r0:r1] - center).view(b, h, -1).transpose(1, 2), w1t)
+        x = x.view(b, r1 - r0, n, -1).add_(t1).clamp_(0., 6.)
         if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
             x.mul_(keep[:, 0, r0:r1, :, None])
         return x
+
+    @staticmethod
+    def _centred_shift(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
+                       b1: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The heads' means in the map's dtype (H, 1, 1) and bn1's shift for the centred map,
+        ``b1 - s1 * W1 (mu - center)``, tiled (L, eH)."""
+        center = mean_a.to(s1.dtype)
+        shift = (w1m.to(mean_a.dtype) @ (mean_a - center.to(mean_a.dtype))).to(s1.dtype)
+        return center.view(-1, 1, 1), _tile(b1 - s1 * shift, n)
+
+    @staticmethod
+    def _head_moments(a: torch.Tensor, chunks: List[Tuple[int, int]]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean (H,) and biased covariance (H, H) of the heads of ``a`` over batch, rows and
+        columns, accumulated in float64 where the device has it."""
+        b, h, n, _ = a.shape
+        acc = torch.float32 if a.device.type == 'mps' else torch.float64
+        center = a.mean(dim=(0, 2, 3))
+        shift, cov = 0., 0.
+        for r0, r1 in chunks:
+            d = (a[:, :, r0:r1] - center.view(h, 1, 1)).view(b, h, -1)
+            shift = shift + d.sum(dim=(0, 2)).to(acc)
+            cov = cov + torch.bmm(d, d.transpose(1, 2)).sum(0).to(acc)
+        count = b * n * n
+        shift = shift / count
+        return center.to(acc) + shift, cov / count - shift[:, None] * shift[None]
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, mask: Optional[torch.Tensor], w1: torch.Tensor,
@@ -176,8 +239,9 @@ class _RefineWithBatchStats(torch.autograd.Function):
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
+        count = b * n * n
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        w1t, w3e = w1m.t().expand(b, h, e), w3m.expand(b, h, e)
+        w3e = w3m.expand(b, h, e)
         keep = None if mask is None else mask.to(a.dtype)
         chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
         halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
@@ -185,31 +249,30 @@ class _RefineWithBatchStats(torch.autograd.Function):
         def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
 
-        moments = []
-        for r0, r1 in chunks:
-            x = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
-            moments.append(_moments(x, (0, 1)))
-        count, mean1, var1 = _merge_moments(moments)
-        mean1, var1 = mean1.to(a.dtype), var1.to(a.dtype)
+        # bn1's statistics: conv_exp(a) = W1 a has mean W1 mu and variance diag(W1 C W1^T)
+        mean_a, cov_a = _RefineWithBatchStats._head_moments(a, chunks)
+        w1acc = w1m.to(mean_a.dtype)
+        mean1 = (w1acc @ mean_a).to(a.dtype)
+        var1 = ((w1acc @ cov_a) * w1acc).sum(1).clamp_(min=0.).to(a.dtype)
         s1 = g1 * rsqrt(var1, 0)
-        t1 = b1 - mean1 * s1
+        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
-        moments = []
+        y2, moments = [], []
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
-            x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)[:, :, r0 - s0:r1 - s0]
-            moments.append(_moments(x.permute(0, 2, 3, 1), (0, 1, 2)))
+            x = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
+            x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
+            x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B, R, L, eH)
+            moments.append(_channel_moments(x))
+            y2.append(x)
         _, mean2, var2 = _merge_moments(moments)
         mean2, var2 = mean2.to(a.dtype), var2.to(a.dtype)
         s2 = g2 * rsqrt(var2, 1)
-        w2f = w2 * s2.view(e, 1, 1, 1)
-        t2 = b2 - mean2 * s2
+        t2, s2 = _tile(b2 - mean2 * s2, n), _tile(s2, n)
         y3 = []
-        for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
-            x = F.conv2d(x.permute(0, 3, 1, 2), w2f, t2, padding=pad, groups=e)
-            x = x[:, :, r0 - s0:r1 - s0].clamp_(0., 6.)
-            y3.append(torch.bmm(w3e, x.reshape(b, e, -1)).view(b, h, r1 - r0, n))
+        for (r0, r1), x in zip(chunks, y2):
+            x = torch.addcmul(t2, x, s2).clamp_(0., 6.)
+            y3.append(torch.bmm(w3e, x.view(b, -1, e).transpose(1, 2)).view(b, h, r1 - r0, n))
+        del y2, x
         y3 = torch.cat(y3, dim=2) if len(y3) > 1 else y3[0]
         _, mean3, var3 = _moments(y3, (0, 2, 3))
         s3 = g3 * rsqrt(var3, 2)
@@ -219,8 +282,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         out = u.mul_((s4 * scale).view(h, 1, 1)).add_(((b4 - mean4 * s4) * scale).view(h, 1, 1))
         if mask is not None:
             out.masked_fill_(~mask, 0.)
-        ctx.save_for_backward(a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean1, var1,
-                              mean2, var2, mean3, var3, mean4, var4)
+        ctx.save_for_backward(a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean_a, cov_a,
+                              mean1, var1, mean2, var2, mean3, var3, mean4, var4)
         ctx.eps, ctx.scale, ctx.rows = eps, scale, rows
         unbiased = count / max(count - 1, 1)
         stats = [mean1, var1 * unbiased, mean2, var2 * unbiased, mean3, var3 * unbiased,
@@ -230,8 +293,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_) -> Tuple[Optional[torch.Tensor], ...]:
-        (a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean1, var1, mean2, var2, mean3,
-         var3, mean4, var4) = ctx.saved_tensors
+        (a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean_a, cov_a, mean1, var1, mean2,
+         var2, mean3, var3, mean4, var4) = ctx.saved_tensors
         eps, scale, rows = ctx.eps, ctx.scale, ctx.rows
         b, h, n, _ = a.shape
         e = w1.shape[0]
@@ -240,6 +303,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+        halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
 
@@ -263,72 +327,82 @@ class _RefineWithBatchStats(torch.autograd.Function):
         gy3, grad_g3, grad_b3 = bn_backward(grad_u.clone(), normed, g3, r3_)
         del normed
         grad_a = grad_u
-        # recomputation of the expanded maps with the forward's statistics
+        # the expanded maps recomputed with the forward's statistics
         s1 = g1 * r1_
-        t1 = b1 - mean1 * s1
+        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
         w1f = (w1m * s1[:, None]).t().expand(b, h, e)
-        w1t = w1m.t().expand(b, h, e)
         w3t = w3m.expand(b, h, e)
-
-        def maps(r0: int, r1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Rows [r0, r1) of h1 (with the halo needed) -> h1 there, n2 and h2 on rows
-            [r0, r1), channels-last (B, R, L, eH)."""
-            s0, s1_ = max(r0 - pad, 0), min(r1 + pad, n)
-            x1 = _RefineWithBatchStats._h1(a, keep, w1f, t1, s0, s1_)
-            y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
-            n2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1).sub(mean2).mul_(r2_)
-            x2 = torch.addcmul(b2, n2, g2).clamp_(0., 6.)
-            return x1[:, r0 - s0:r1 - s0], n2, x2
-
+        mean2_t, r2_t, g2_t, b2_t = (_tile(v, n) for v in (mean2, r2_, g2, b2))
+        # pass 1: bn2's backward needs sum(gz2) and sum(gz2 * n2) over the whole map first;
+        # n2 (bn2's normalised input) is kept for pass 2
+        n2_rows = a.new_empty(b, n, n, e) if len(chunks) > 1 else None
         grad_w3 = torch.zeros_like(w3m)
         sum_gz2, sum_gz2n2 = 0., 0.
-        for r0, r1 in chunks:
-            _, n2, x2 = maps(r0, r1)
+        for (r0, r1), (s0, s1_) in zip(chunks, halo):
+            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
+            y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
+            y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
+            if n2_rows is None:
+                n2 = n2_rows = y2.sub_(mean2_t).mul_(r2_t)
+            else:
+                n2 = torch.sub(y2, mean2_t, out=n2_rows[:, r0:r1]).mul_(r2_t)
+            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
             gy = gy3[:, :, r0:r1].reshape(b, h, -1)
-            grad_w3 += torch.bmm(gy, x2.reshape(b, -1, e)).sum(0)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
-            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
-            sum_gz2 = sum_gz2 + gz2.sum(dim=(0, 1, 2))
-            sum_gz2n2 = sum_gz2n2 + (gz2 * n2).sum(dim=(0, 1, 2))
-        mean_gz2, mean_gz2n2 = sum_gz2 / count, sum_gz2n2 / count
+            grad_w3 += torch.bmm(gy, x2.view(b, -1, e)).sum(0)
+            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
+            sum_gz2 = sum_gz2 + _channel_sums(gz2)
+            sum_gz2n2 = sum_gz2n2 + _channel_sums(gz2.mul_(n2))
+        del x1, y2, n2, x2, gz2
+        mean_gz2, neg_mean_gz2n2, a2 = (_tile(v, n) for v in (sum_gz2 / count,
+                                                               sum_gz2n2 / -count, g2 * r2_))
+        # pass 2: bn2's and the depthwise conv's backward on rows [r0, r1), from gz2 on the
+        # rows around them; bn1's backward: sum(gz1), the products of gz1 with the centred map
+        # (H x eH) and with W1 (the map gradient, up to an H x H correction made below)
         w2_flipped = w2.flip(-1, -2)
         grad_w2 = torch.zeros_like(w2)
-        gz1_chunks = []
-        sum_gz1, sum_gz1n1 = 0., 0.
-        for r0, r1 in chunks:
-            f0, f1 = max(r0 - pad, 0), min(r1 + pad, n)  # rows of gy2 that reach rows r0:r1
-            x1, n2, x2 = maps(f0, f1)
+        sum_gz1, gz1_a = 0., 0.
+        for (r0, r1), (f0, f1) in zip(chunks, halo):
+            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, f0, f1)
+            n2 = n2_rows[:, f0:f1]
+            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
             gy = gy3[:, :, f0:f1].reshape(b, h, -1)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3t).view_as(x2)
-            gz2 = torch.ops.aten.hardtanh_backward(gz2, x2, 0., 6.)
-            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, -mean_gz2n2).mul_(g2 * r2_)
+            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
+            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, neg_mean_gz2n2).mul_(a2)
             gy2 = gy2.permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
             gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
             # depthwise weight gradient from the output rows r0:r1 and their input rows
-            s0, s1_ = max(r0 - pad, 0), min(r1 + pad, n)
-            x1_rows = x1[:, s0 - f0:s1_ - f0].permute(0, 3, 1, 2)
-            x1_rows = F.pad(x1_rows, (0, 0, pad - (r0 - s0), pad - (s1_ - r1)))
+            x1_rows = x1.permute(0, 3, 1, 2)
+            if f0 != r0 - pad or f1 != r1 + pad:
+                x1_rows = F.pad(x1_rows, (0, 0, pad - (r0 - f0), pad - (f1 - r1)))
             grad_w2 += torch.ops.aten.convolution_backward(
                 gy2[:, :, r0 - f0:r1 - f0], x1_rows, w2, None, [1, 1], [0, pad], [1, 1], False,
                 [0, 0], e, [False, True, False])[1]
-            h1 = x1[:, r0 - f0:r1 - f0]
-            gz1 = torch.ops.aten.hardtanh_backward(gh1.permute(0, 2, 3, 1), h1, 0., 6.)
-            n1 = torch.bmm(a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2), w1t)
-            n1 = n1.view_as(gz1).sub_(mean1).mul_(r1_)
-            sum_gz1 = sum_gz1 + gz1.sum(dim=(0, 1, 2))
-            sum_gz1n1 = sum_gz1n1 + (gz1 * n1).sum(dim=(0, 1, 2))
-            gz1_chunks.append(gz1)
-        mean_gz1, mean_gz1n1 = sum_gz1 / count, sum_gz1n1 / count
-        grad_w1 = torch.zeros_like(w1m)
-        for (r0, r1), gz1 in zip(chunks, gz1_chunks):
-            ar = a[:, :, r0:r1].reshape(b, h, -1).transpose(1, 2)  # (B, R*L, H)
-            n1 = torch.bmm(ar, w1t).view_as(gz1).sub_(mean1).mul_(r1_)
-            gy1 = gz1.sub_(mean_gz1).addcmul_(n1, -mean_gz1n1).mul_(g1 * r1_).view(b, -1, e)
-            grad_w1 += torch.bmm(gy1.transpose(1, 2), ar).sum(0)
-            grad_a[:, :, r0:r1] += torch.bmm(w1t, gy1.transpose(1, 2)).view(b, h, r1 - r0, n)
-        return (grad_a, None, grad_w1.view_as(w1), sum_gz1n1, sum_gz1, grad_w2, sum_gz2n2,
-                sum_gz2, grad_w3.view_as(w3), grad_g3, grad_b3, grad_g4, grad_b4, None, None,
-                None)
+            gz1 = _hardtanh_backward_(gh1.permute(0, 2, 3, 1), x1[:, r0 - f0:r1 - f0])
+            sum_gz1 = sum_gz1 + _channel_sums(gz1)
+            gz1 = gz1.view(b, -1, e)
+            centred = (a[:, :, r0:r1] - center).view(b, h, -1)
+            gz1_a = gz1_a + torch.bmm(centred, gz1).sum(0)
+            grad_a[:, :, r0:r1] += torch.bmm(w1f, gz1.transpose(1, 2)).view(b, h, r1 - r0, n)
+        del x1, n2, x2, gz2, gy2, gh1, gz1, centred, n2_rows
+        # bn1: gy1 = s1 (gz1 - mean(gz1)) - s1 r1 mean(gz1 n1) (W1 (a - mu)), n1 its normalised
+        # input r1 W1 (a - mu); its sums follow from gz1_a = sum (a - mu) gz1^T (H, eH)
+        acc = mean_a.dtype
+        w1acc, s1acc, r1acc = w1m.to(acc), s1.to(acc), r1_.to(acc)
+        gz1_a = gz1_a.t().to(acc)  # (eH, H)
+        sum_gz1 = sum_gz1.to(acc)
+        sum_gz1n1 = (gz1_a * w1acc).sum(1) * r1acc
+        k1 = s1acc * r1acc * sum_gz1n1 / count
+        grad_w1 = s1acc[:, None] * gz1_a - k1[:, None] * count * (w1acc @ cov_a)
+        # (H, H) applied to the centred map (not to a, then minus mu: the maps are nearly
+        # uniform, their mean would cancel in float32)
+        correction = (-(w1acc.t() * k1) @ w1acc).to(a.dtype).expand(b, h, h)
+        bias = correction[0] @ (mean_a.to(a.dtype) - center.view(h))
+        bias = bias - (w1acc.t() @ (s1acc * sum_gz1 / count)).to(a.dtype)
+        grad_a = grad_a.view(b, h, -1).baddbmm_(correction, (a - center).view(b, h, -1))
+        grad_a = grad_a.add_(bias.view(h, 1)).view(b, h, n, n)
+        return (grad_a, None, grad_w1.to(a.dtype).view_as(w1), sum_gz1n1.to(a.dtype),
+                sum_gz1.to(a.dtype), grad_w2, sum_gz2n2, sum_gz2, grad_w3.view_as(w3), grad_g3,
+                grad_b3, grad_g4, grad_b4, None, None, None)
 
 
 class DistributedLocalAttention(nn.Module):
@@ -534,13 +608,16 @@ class RefinedAttention(nn.Module):
                 # The public code scales q and k by sqrt(scale) each: the same logits.
                 attn = (q.to(map_dtype) * self.scale) @ k.to(map_dtype).transpose(-2, -1)
                 if valid is not None:
-                    # in place: the logits are not kept for the backward
-                    attn.masked_fill_(~valid[:, None, None, :], float('-inf'))
+                    # -inf on padding keys, in place (the logits are not kept for the
+                    # backward); adding a (B', 1, 1, L) bias, not masked_fill_ with a
+                    # broadcast mask (several times slower on the CPU, its backward too)
+                    key_bias = torch.zeros_like(valid, dtype=attn.dtype)
+                    attn.add_(key_bias.masked_fill_(~valid, float('-inf'))[:, None, None, :])
                 attn = attn.softmax(dim=-1)
                 if prev is not None:
                     attn = attn + self.scale * prev
-            if valid is not None:
-                attn = attn.masked_fill(~valid[:, None, :, None], 0.)
+            if valid is not None:  # padding queries: rows of zeros (the maps are finite)
+                attn = attn * valid.to(attn.dtype)[:, None, :, None]
             passed = attn
         return (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, c), passed
 
@@ -602,6 +679,11 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = F.pad(x, (0, pad_to(w, PATCH_SIZE), 0, pad_to(h, PATCH_SIZE)))
+        if x.device.type == 'cpu':
+            # oneDNN's fast layout for these full-resolution convs (their backward: ~20 % of a
+            # training step at 512x512); the (B, C, h, w) output then flattens to tokens
+            # without a copy
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))

@@ -20,8 +20,10 @@ EXPORT_SIZE = (64, 96)
 # Other sizes one export must serve: window padding in every family (the maps of 72x80 and
 # 56x104 are no multiples of the windows), non-square, and the same FSLA levels as EXPORT_SIZE.
 OTHER_SIZES = ((72, 80), (56, 104))
-# One graph compiled with dynamic=True serves these (MAFormer and Refiner-ViT, tiny widths).
-DYNAMIC_SIZES = ((96, 128), (128, 160), (160, 192))
+# One graph compiled with dynamic=True serves these (tiny widths): every windowed map padded
+# (MAFormer: window 7 on 24x32 ... 20x24; Refiner-ViT: window 4 on token grids 6x10 ... 14x18).
+DYNAMIC_SIZES = {'MAFormer': ((96, 128), (128, 160), (160, 192)),
+                 'RefinerViT': ((96, 160), (160, 224), (224, 288))}
 # What makes the host wait for the device (values read back, shapes that depend on data).
 HOST_SYNC_OPS = ('aten::_local_scalar_dense', 'aten::item', 'aten::is_nonzero', 'aten::nonzero',
                  'aten::masked_select', 'aten::equal', 'aten::_unique2', 'aten::unique_dim')
@@ -97,10 +99,11 @@ def test_compiled_training_step_equals_eager(name, options):
 
 @pytest.mark.parametrize('name', ['MAFormer', 'RefinerViT'])
 def test_dynamic_shapes_compile_one_graph_for_every_size(name):
-    """``dynamic=True``: one graph serves sizes with and without window padding, square and
-    not, equal to eager at each (dynamo turns the modules' int attributes symbolic too). The
-    sizes keep every map at two windows or more, and even where a stage halves it: dynamo
-    specialises sizes of 1, and timm's PatchMerging pads odd maps with a branch."""
+    """``dynamic=True``: one graph serves three sizes, equal to eager at each (dynamo turns the
+    modules' int attributes symbolic too). The first size is not square (duck shaping would
+    guard on H == W); every map spans two windows or more and is even where a stage halves it
+    (dynamo specialises sizes of 1; timm's PatchMerging and Refiner-ViT's ceil-mode pooling
+    branch on parity); see docs/compile_and_export.md#recompilation-dynamic-shapes."""
     model = build(name).eval()
     graphs = []
 
@@ -110,7 +113,7 @@ def test_dynamic_shapes_compile_one_graph_for_every_size(name):
 
     torch._dynamo.reset()
     model_c = torch.compile(model, backend=counting, dynamic=True, fullgraph=True)
-    for hw in DYNAMIC_SIZES:
+    for hw in DYNAMIC_SIZES[name]:
         x = torch.randn(2, 3, *hw)
         with torch.no_grad():
             outs, refs = model_c(x), model(x)

@@ -83,3 +83,32 @@ def test_train_times_inference_and_a_training_step_with_ratios():
     # a training step dispatches the forward's operators and their backward
     assert int(rows[1][7]) > int(rows[0][7]) > 0
     assert 'ratios to ' + spec + ':' in result.stdout
+
+
+def test_compiled_columns_beside_the_eager_ones():
+    row = dict(model='A', input='224x224', batch=1, mode='fwd', params_m=1., latency_ms=30.,
+               peak_mb=10., ops=100, compiled=dict(latency_ms=20., peak_mb=12., compile_s=41.))
+    header = bench.table_header(True)
+    assert header[0].endswith('| ops | compiled (ms) | speed-up | compiled peak mem (MB) | '
+                              'compile (s) |')
+    assert bench.table_row(row, True) == ('| A | 224x224 | 1 | fwd | 1.00 | 30.0 | 10 | 100 | '
+                                          '20.0 | 1.50x | 12 | 41.0 |')
+    row['compiled'] = dict(error='timeout (> 600 s)')
+    assert bench.table_row(row, True).endswith('| 100 | - | timeout (> 600 s) | - | - |')
+    assert bench.table_row(row, False).endswith('| 100 |')
+
+
+def test_compile_measures_eager_and_compiled_side_by_side():
+    arch = "arch={'embed_dims':16,'depths':(1,1,1,1),'num_heads':(1,2,2,4)},pretrain_img_size=64"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), '--models', f'MAFormer:{arch}', '--sizes', '64x96',
+         '--repeats', '1', '--warmup', '0', '--compile', '--compile-backend', 'eager'],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.compile(mode='default', backend='eager')" in result.stdout
+    row = [line for line in result.stdout.splitlines() if line.startswith('| MAFormer')]
+    cells = [c.strip() for c in row[0].strip('|').split('|')]
+    assert len(cells) == 12
+    assert float(cells[5]) > 0 and float(cells[8]) > 0  # eager and compiled latency
+    assert cells[9].endswith('x')
+    assert float(cells[11]) > 0  # the first, compiling call

@@ -20,6 +20,10 @@ EXPORT_SIZE = (64, 96)
 # Other sizes one export must serve: window padding in every family (the maps of 72x80 and
 # 56x104 are no multiples of the windows), non-square, and the same FSLA levels as EXPORT_SIZE.
 OTHER_SIZES = ((72, 80), (56, 104))
+# One graph compiled with dynamic=True serves these (tiny widths; every windowed map padded:
+# window 7 on 24x32 ... 20x24). Refiner-ViT still compiles a second graph at the second size
+# (docs/compile_and_export.md#recompilation-dynamic-shapes).
+DYNAMIC_SIZES = {'MAFormer': ((96, 128), (128, 160), (160, 192))}
 # What makes the host wait for the device (values read back, shapes that depend on data).
 HOST_SYNC_OPS = ('aten::_local_scalar_dense', 'aten::item', 'aten::is_nonzero', 'aten::nonzero',
                  'aten::masked_select', 'aten::equal', 'aten::_unique2', 'aten::unique_dim')
@@ -91,6 +95,31 @@ def test_compiled_training_step_equals_eager(name, options):
     assert relative_error(outs, ref_outs) <= COMPILE_RTOL
     assert all(g is not None for g in grads)
     assert relative_norm_error(grads, ref_grads) <= COMPILE_RTOL
+
+
+@pytest.mark.parametrize('name', ['MAFormer'])
+def test_dynamic_shapes_compile_one_graph_for_every_size(name):
+    """``dynamic=True``: one graph serves three sizes, equal to eager at each (dynamo turns the
+    modules' int attributes symbolic too). The first size is not square (duck shaping would
+    guard on H == W); every map spans two windows or more and is even where a stage halves it
+    (dynamo specialises sizes of 1; timm's PatchMerging and Refiner-ViT's ceil-mode pooling
+    branch on parity); see docs/compile_and_export.md#recompilation-dynamic-shapes."""
+    model = build(name).eval()
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model_c = torch.compile(model, backend=counting, dynamic=True, fullgraph=True)
+    for hw in DYNAMIC_SIZES[name]:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            outs, refs = model_c(x), model(x)
+        assert [o.shape for o in outs] == [r.shape for r in refs], hw
+        assert relative_error(outs, refs) <= COMPILE_RTOL, hw
+    assert len(graphs) == 1
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -3,7 +3,8 @@
     python tools/analysis/benchmark_backbones.py \
         --models BOATSwin:arch=tiny BOATCSWin:arch=tiny mmdet.SwinTransformer \
         --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--train | --backward] \
-        [--baseline mmdet.SwinTransformer] [--device cuda]
+        [--baseline mmdet.SwinTransformer] [--device cuda] \
+        [--compile [MODE] [--compile-backend inductor]]
 
 A model spec is ``Type[:key=value,key=value]``; ``Type`` is a registered mmvit_plugins backbone
 or ``mmdet.X`` / ``mmseg.X`` for a backbone of those codebases, values are Python literals
@@ -22,6 +23,13 @@ Modes: ``fwd`` is an inference forward (eval mode, no autograd); ``fwd+bwd`` a t
 each in its own process; ``--backward`` only the training step. With ``--baseline SPEC`` (one of
 ``--models``) a second table gives every model's latency and operators over the baseline's at the
 same size, batch and mode, the train-step ratio next to the inference one.
+
+``--compile [MODE]`` (``default``, ``reduce-overhead``, ``max-autotune``...) also measures every
+row with ``torch.compile(model, mode=MODE, backend=--compile-backend)`` in its own process and
+prints it beside the eager one: its latency (after the compiling first call and the warm-up),
+the speed-up over eager, its peak memory, and the first call's seconds (compilation included)
+apart. ``--compile-backend aot_eager`` captures the graphs without generating code (a check
+that compiling works, fast; no speed-up expected).
 """
 import argparse
 import ast
@@ -32,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 WORKER_FLAG = '--worker'
 FORWARD, TRAIN_STEP = 'fwd', 'fwd+bwd'
@@ -126,6 +134,36 @@ def ratio_table(rows: List[Dict], baseline: str, modes: List[str]) -> List[str]:
     return lines
 
 
+def table_header(compiled: bool) -> List[str]:
+    """The table's markdown header; with compiled runs, their columns after the eager ones."""
+    cells = ['model', 'input', 'batch', 'mode', 'params (M)', 'latency (ms)', 'peak mem (MB)',
+             'ops']
+    if compiled:
+        cells += ['compiled (ms)', 'speed-up', 'compiled peak mem (MB)', 'compile (s)']
+    return ['| ' + ' | '.join(cells) + ' |', '|' + '---|' * len(cells)]
+
+
+def table_row(row: Dict, compiled: bool) -> str:
+    """One markdown row: the eager measurement (or its error), and the compiled one's beside
+    it (``row['compiled']``); ``-`` where a run has no result."""
+    cells = [row['model'], row['input'], row['batch'], row['mode']]
+    if 'error' in row:
+        cells += ['-', row['error'], '-', '-']
+    else:
+        cells += [f"{row['params_m']:.2f}", f"{row['latency_ms']:.1f}", f"{row['peak_mb']:.0f}",
+                  row['ops']]
+    if compiled:
+        comp = row.get('compiled', {})
+        if 'latency_ms' not in comp:
+            cells += ['-', comp.get('error', '-'), '-', '-']
+        else:
+            speedup = (f"{row['latency_ms'] / comp['latency_ms']:.2f}x" if 'latency_ms' in row
+                       else '-')
+            cells += [f"{comp['latency_ms']:.1f}", speedup, f"{comp['peak_mb']:.0f}",
+                      f"{comp['compile_s']:.1f}"]
+    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
+
+
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -146,15 +184,19 @@ def run_worker(args: argparse.Namespace) -> Dict:
     model.train(args.backward)
     h, w = args.sizes[0]
     x = torch.randn(args.batch_sizes[0], 3, h, w, device=args.device)
+    forward = model
+    if args.compile:
+        mode = None if args.compile == 'default' else args.compile
+        forward = torch.compile(model, mode=mode, backend=args.compile_backend)
 
     def step():
         if args.backward:
-            out = model(x)
+            out = forward(x)
             sum(o.float().mean() for o in out).backward()
             model.zero_grad(set_to_none=True)
         else:
             with torch.no_grad():
-                model(x)
+                forward(x)
         if args.device.startswith('cuda'):
             torch.cuda.synchronize()
 
@@ -162,6 +204,11 @@ def run_worker(args: argparse.Namespace) -> Dict:
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    compile_s = None
+    if args.compile:
+        start = time.perf_counter()
+        step()  # compiles
+        compile_s = time.perf_counter() - start
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -172,14 +219,19 @@ def run_worker(args: argparse.Namespace) -> Dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return dict(latency_ms=1000 * statistics.median(times), peak_mb=max(peak, 0) / 2**20,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                ops=sum(dispatched_ops(step).values()))
+    row = dict(latency_ms=1000 * statistics.median(times), peak_mb=max(peak, 0) / 2**20,
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    if args.compile:
+        row['compile_s'] = compile_s
+    else:
+        row['ops'] = sum(dispatched_ops(step).values())
+    return row
 
 
 def _run(args: argparse.Namespace, spec: str, size: Tuple[int, int], batch: int,
-         mode: str) -> Dict:
-    """One (model, size, batch, mode) in a worker process: its row, or the row with ``error``."""
+         mode: str, compile_mode: Optional[str] = None) -> Dict:
+    """One (model, size, batch, mode) in a worker process: its row, or the row with ``error``;
+    compiled with ``torch.compile(mode=compile_mode)`` if one is given."""
     h, w = size
     cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec, '--sizes', f'{h}x{w}',
            '--batch-sizes', str(batch), '--device', args.device, '--threads', str(args.threads),
@@ -187,6 +239,8 @@ def _run(args: argparse.Namespace, spec: str, size: Tuple[int, int], batch: int,
            str(args.max_mem_gb)]
     if mode == TRAIN_STEP:
         cmd.append('--backward')
+    if compile_mode:
+        cmd += ['--compile', compile_mode, '--compile-backend', args.compile_backend]
     row = dict(model=spec, input=f'{h}x{w}', batch=batch, mode=mode)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -219,6 +273,10 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--max-mem-gb', type=float, default=8.0)
     parser.add_argument('--timeout', type=float, default=600.0, help='seconds per run')
+    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE',
+                        help='also measure torch.compile(mode=MODE) (default: "default")')
+    parser.add_argument('--compile-backend', default='inductor',
+                        help='torch.compile backend for --compile (inductor, aot_eager, ...)')
     parser.add_argument('--json', help='also write the rows to this JSON file')
     parser.add_argument(WORKER_FLAG, action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,24 +293,20 @@ def main() -> None:
     modes = measured_modes(args)
 
     rows = []
-    header = ('| model | input | batch | mode | params (M) | latency (ms) | peak mem (MB) | ops |\n'
-              '|---|---|---|---|---|---|---|---|')
     print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
-          f'median of {args.repeats} after {args.warmup} warm-up')
-    print(header, flush=True)
+          f'median of {args.repeats} after {args.warmup} warm-up'
+          + (f'; compiled: torch.compile(mode={args.compile!r}, backend='
+             f'{args.compile_backend!r})' if args.compile else ''))
+    print('\n'.join(table_header(bool(args.compile))), flush=True)
     for h, w in args.sizes:
         for batch in args.batch_sizes:
             for spec in args.models:
                 for mode in modes:
                     row = _run(args, spec, (h, w), batch, mode)
+                    if args.compile:
+                        row['compiled'] = _run(args, spec, (h, w), batch, mode, args.compile)
                     rows.append(row)
-                    if 'error' in row:
-                        print(f"| {spec} | {h}x{w} | {batch} | {mode} | - | {row['error']} | - "
-                              '| - |', flush=True)
-                    else:
-                        print(f"| {spec} | {h}x{w} | {batch} | {mode} | {row['params_m']:.2f} | "
-                              f"{row['latency_ms']:.1f} | {row['peak_mb']:.0f} | {row['ops']} |",
-                              flush=True)
+                    print(table_row(row, bool(args.compile)), flush=True)
     if args.baseline is not None:
         print('\n' + '\n'.join(ratio_table(rows, args.baseline, modes)))
     if args.json:

@@ -22,6 +22,7 @@ from mmengine.model import BaseModule
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
+from mmvit_plugins.models.layers.capture import contains
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 from mmvit_plugins.models.layers.window import window_attention_mask
 from mmvit_plugins.utils.checkpoint import (
@@ -250,14 +251,17 @@ class WindowStage(Stage):
     def block_args(self, x: torch.Tensor) -> List[Tuple[int, Optional[torch.Tensor]]]:
         """(shift size, attention mask) of every block."""
         hw = x.shape[1:3]
-        shift = self.window_size // 2 if max(hw) > self.window_size else 0
-        masks: Dict[int, Optional[torch.Tensor]] = {}
+        # not max(hw): with dynamic shapes it would guard on which side is longer
+        larger = hw[0] > self.window_size or hw[1] > self.window_size
+        shift = self.window_size // 2 if larger else 0
+        # keyed by the flag: a dict key cannot be a SymInt
+        masks: Dict[bool, Optional[torch.Tensor]] = {}
         args = []
         for block in self.blocks:
             size = shift if block.shifted else 0
-            if size not in masks:
-                masks[size] = window_attention_mask(hw, self.window_size, size, x.device)
-            args.append((size, masks[size]))
+            if block.shifted not in masks:
+                masks[block.shifted] = window_attention_mask(hw, self.window_size, size, x.device)
+            args.append((size, masks[block.shifted]))
         return args
 
 
@@ -391,9 +395,11 @@ class PyramidBackbone(BaseModule):
         dtype = output_dtype(x)
         x = self.embed_drop(self.patch_embed(x))
         outs = []
-        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+        for i, stage in enumerate(self.stages):
+            if i > self.out_indices[-1]:
+                break
             out, x = stage(x)
-            if i in self.out_indices:
+            if contains(self.out_indices, i):
                 out = getattr(self, f'out_norm{i}')(out)
                 outs.append(out.permute(0, 3, 1, 2).contiguous().to(dtype))
         return tuple(outs)

@@ -22,6 +22,7 @@ from ..layers import (
     WindowMSA,
     attend_in_windows,
     ceil_div,
+    pad_end,
     pad_to,
     pad_to_multiple,
     window_padding_mask,
@@ -369,7 +370,7 @@ class CSWinPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, pad_to(w, 4), 0, pad_to(h, 4)))
+        x = pad_end(x, ((2, pad_to(h, 4)), (3, pad_to(w, 4))))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 

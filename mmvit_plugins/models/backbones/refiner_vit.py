@@ -21,7 +21,10 @@ from torch.nn import functional as F
 
 from mmvit_plugins.models.layers import (
     SimpleFeaturePyramid,
+    capturing,
     ceil_div,
+    contains,
+    pad_end,
     pad_to,
     pad_to_multiple,
     resize_abs_pos_embed,
@@ -29,6 +32,7 @@ from mmvit_plugins.models.layers import (
     window_partition,
     window_reverse,
 )
+from mmvit_plugins.models.layers.capture import Size
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 
 from .base import (
@@ -107,15 +111,27 @@ def _update_running_stats(bns: Sequence[nn.modules.batchnorm._BatchNorm],
         bn.running_var.lerp_(var, factor)
 
 
-def _chunk_rows(num_rows: int, map_elements: int, device: torch.device) -> int:
+def _chunk_rows(num_rows: int, map_elements: int, device: torch.device) -> Optional[int]:
     """Query rows per chunk of a refiner pass over (B, H, L, L) maps; ``map_elements``: the
-    elements of one full row of the expanded maps (B * eH * L)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        # a chunk count that follows the map size would freeze the size into a captured
-        # graph (whose compiler fuses these steps anyway)
-        return num_rows
+    elements of one full row of the expanded maps (B * eH * L). None (one chunk) while a graph
+    is captured: a chunk count that follows the map size would freeze the size into the graph
+    (whose compiler fuses these steps anyway)."""
+    if capturing():
+        return None
     limit = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_DEFAULT)
     return max(limit // map_elements, 1)
+
+
+def _row_chunks(num_rows: Size, rows: Optional[int],
+                halo: Tuple[int, int]) -> List[Tuple[Size, Size, Size, Size]]:
+    """``(r0, r1, i0, i1)`` of every chunk of ``rows`` rows (None: one chunk of all rows, with
+    no loop over a symbolic size): its rows [r0, r1) and the rows [i0, i1) that a kernel with
+    ``halo = (top, bottom)`` reads for them."""
+    if rows is None:
+        return [(0, num_rows, 0, num_rows)]
+    top, bottom = halo
+    return [(r0, min(r0 + rows, num_rows), max(r0 - top, 0), min(r0 + rows + bottom, num_rows))
+            for r0 in range(0, num_rows, rows)]
 
 
 def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, torch.Tensor]:
@@ -235,7 +251,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
                 g1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor,
                 b2: torch.Tensor, w3: torch.Tensor, g3: torch.Tensor, b3: torch.Tensor,
                 g4: torch.Tensor, b4: torch.Tensor, eps: Tuple[float, ...], scale: float,
-                rows: int) -> Tuple[torch.Tensor, ...]:
+                rows: Optional[int]) -> Tuple[torch.Tensor, ...]:
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
@@ -243,8 +259,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         w3e = w3m.expand(b, h, e)
         keep = None if mask is None else mask.to(a.dtype)
-        chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
-        halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
+        spans = _row_chunks(n, rows, (pad, pad))
+        chunks, halo = [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
 
         def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
@@ -302,8 +318,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        chunks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
-        halo = [(max(r0 - pad, 0), min(r1 + pad, n)) for r0, r1 in chunks]
+        spans = _row_chunks(n, rows, (pad, pad))
+        chunks, halo = [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
 
@@ -504,7 +520,7 @@ class DistributedLocalAttention(nn.Module):
 
     def _refine_folded(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
                        out_norm: nn.modules.batchnorm._BatchNorm, scale: float,
-                       rows: int) -> List[torch.Tensor]:
+                       rows: Optional[int]) -> List[torch.Tensor]:
         """:meth:`refine` with every BatchNorm on running statistics, folded into the convs:
         ``relu6(W1 a + b1)``, ``relu6(dw(.) + b2)``, ``W3 (.) + k a + b3``, in chunks of query
         rows (with the depthwise conv's halo) so that the expanded maps never exist whole."""
@@ -524,9 +540,8 @@ class DistributedLocalAttention(nn.Module):
         top, bottom = (kernel - 1) // 2, kernel // 2
         keep = None if mask is None else mask.to(attn.dtype)
         chunks = []
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            i0, i1 = max(r0 - top, 0), min(r1 + bottom, n)  # rows read by the depthwise conv
+        for r0, r1, i0, i1 in _row_chunks(n, rows, (top, bottom)):
+            # i0:i1 the rows that the depthwise conv reads
             x = torch.baddbmm(t1, attn[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2), w1)
             # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often are)
             x = F.hardtanh(x, 0., 6., inplace=True).view(b, i1 - i0, n, e)
@@ -678,7 +693,7 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, pad_to(w, PATCH_SIZE), 0, pad_to(h, PATCH_SIZE)))
+        x = pad_end(x, ((2, pad_to(h, PATCH_SIZE)), (3, pad_to(w, PATCH_SIZE))))
         if x.device.type == 'cpu':
             # oneDNN's fast layout for these full-resolution convs (their backward: ~20 % of a
             # training step at 512x512); the (B, C, h, w) output then flattens to tokens
@@ -802,6 +817,9 @@ class RefinerViT(PyramidBackbone):
         self.num_layers = num_layers
         self.num_features = [embed_dims] * 4
         self._feature_blocks = sorted({self.pyramid_block_indexes[i] for i in self.out_indices})
+        # where forward_tokens puts every output's tokens
+        self._output_tokens = tuple(self._feature_blocks.index(self.pyramid_block_indexes[i])
+                                    for i in self.out_indices)
 
         self.patch_embed = ConvPatchEmbed(in_channels, embed_dims)
         self.pos_grid = (pretrain_img_size // PATCH_SIZE, ) * 2
@@ -937,7 +955,9 @@ class RefinerViT(PyramidBackbone):
         x = x + resize_abs_pos_embed(self.pos_embed, (h, w), self.pos_grid,
                                      num_prefix_tokens=self.num_extra_tokens)
         outs, attn = [], None
-        for i, block in enumerate(self.blocks[:blocks[-1] + 1]):
+        for i, block in enumerate(self.blocks):
+            if i > blocks[-1]:
+                break
             if i and not block.attn.share and \
                     block.attn.window_size != self.blocks[i - 1].attn.window_size:
                 attn = None  # window maps and global maps differ in shape: a new chain starts
@@ -945,7 +965,7 @@ class RefinerViT(PyramidBackbone):
                 x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
             else:
                 x, attn = block(x, attn, (h, w))
-            if i in blocks:
+            if contains(blocks, i):
                 outs.append(x)
         return outs, (h, w)
 
@@ -959,13 +979,14 @@ class RefinerViT(PyramidBackbone):
         self.check_input(x)
         dtype, size = output_dtype(x), x.shape[-2:]
         tokens, (h, w) = self.forward_tokens(x)
-        by_block = dict(zip(self._feature_blocks, tokens))
         feats = []
-        for i in self.out_indices:
-            t = by_block[self.pyramid_block_indexes[i]][:, self.num_extra_tokens:]
+        for i in self._output_tokens:
+            t = tokens[i][:, self.num_extra_tokens:]
             feats.append(t.transpose(1, 2).reshape(t.shape[0], self.embed_dims, h, w))
         outs = []
-        for i, out in zip(self.out_indices, self.pyramid(feats)):
+        # the levels as constants of range() (dynamo may make the ints of out_indices symbolic)
+        levels = [i for i in range(len(PYRAMID_STRIDES)) if contains(self.out_indices, i)]
+        for i, out in zip(levels, self.pyramid(feats)):
             stride = PYRAMID_STRIDES[i]
             if norm:
                 out = getattr(self, f'out_norm{i}')(out)

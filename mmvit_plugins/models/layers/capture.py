@@ -3,12 +3,14 @@
 A size is a Python int in eager code and in a graph that dynamo specialised on it, a SymInt in
 a graph compiled with dynamic shapes, and a 0-d tensor in an ONNX trace. Size arithmetic written
 with Python operators (``+ - * // %``) works on all three and stays symbolic; what depends on a
-size's value (leaving out a mask, skipping a no-op resize, caching) is decided only for ints.
+size's value (leaving out a mask, skipping a no-op resize, caching) is decided only in eager
+code, so that every captured graph takes the general path.
 """
 from functools import lru_cache, wraps
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 Size = Union[int, torch.SymInt, torch.Tensor]
 
@@ -19,8 +21,10 @@ def capturing() -> bool:
 
 
 def is_concrete(*sizes: Size) -> bool:
-    """Every size is known as a Python int: eager code, or a graph specialised on it."""
-    return all(isinstance(size, int) for size in sizes)
+    """Every size is a Python int of eager code. Never while a graph is captured: dynamo shows
+    its SymInts to the traced code as ints (``isinstance(size, int)`` is True), and a decision
+    on one would guard the graph on the value (one graph per size with ``dynamic=True``)."""
+    return not capturing() and all(isinstance(size, int) for size in sizes)
 
 
 def _sizes(args: Iterable[Any]) -> Iterator[Size]:
@@ -50,6 +54,16 @@ def size_cache(maxsize: int) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def contains(values: Iterable[Size], value: Size) -> bool:
+    """``value in values`` for ints that dynamo may make symbolic (with ``dynamic=True`` it does
+    so for modules' int attributes): torch 2.4's dynamo answers ``in`` on SymInts by identity
+    and misses equal values; ``==`` compares them."""
+    for item in values:
+        if item == value:
+            return True
+    return False
+
+
 def ceil_div(size: Size, divisor: int) -> Size:
     """``ceil(size / divisor)`` in floor divisions, the form dynamo's symbolic shapes reason
     about (they fail on the sign checks of ``-(-size // divisor)`` and ``-size % divisor``)."""
@@ -59,3 +73,28 @@ def ceil_div(size: Size, divisor: int) -> Size:
 def pad_to(size: Size, multiple: int) -> Size:
     """What padding ``size`` to a multiple of ``multiple`` adds (``-size % multiple``)."""
     return ceil_div(size, multiple) * multiple - size
+
+
+def pad_end(x: torch.Tensor, pads: Sequence[Tuple[int, Size]], value: float = 0.) -> torch.Tensor:
+    """Append ``pad`` entries of ``value`` at the end of dim ``dim`` of x, for every
+    ``(dim, pad)`` of ``pads`` (pads >= 0).
+
+    ``F.pad`` in eager code and ONNX traces. While dynamo compiles, the padded map is gathered
+    from a clamped index instead: torch's padding decomposition branches on whether a pad is
+    zero, which would specialise a graph with dynamic shapes on it (one graph for the sizes
+    that need padding, another for those that do not). Both give the same values.
+    """
+    if not torch.compiler.is_compiling():
+        if is_concrete(*(pad for _, pad in pads)) and not any(pad for _, pad in pads):
+            return x
+        amounts = [0] * (2 * x.dim())
+        for dim, pad in pads:
+            amounts[2 * (x.dim() - 1 - dim % x.dim()) + 1] = pad
+        return F.pad(x, amounts, value=value)
+    for dim, pad in pads:
+        size = x.shape[dim]
+        index = torch.arange(size + pad, device=x.device)
+        x = x.index_select(dim, index.clamp(max=size - 1))
+        real = (index < size).view([-1 if d == dim % x.dim() else 1 for d in range(x.dim())])
+        x = torch.where(real, x, torch.full((), value, dtype=x.dtype, device=x.device))
+    return x

@@ -286,7 +286,9 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
             token = group_scored[..., -1].gather(1, within.view(rows * groups, n))
             return token.long().view(rows, shape.num_groups, m)
         # the groups of the next level are contiguous runs of slots: row gathers
-        index = (within.view(rows * groups, n) + offsets[::n // (4 * m), None]).view(-1)
+        # every (n // 4m)-th offset, n // 4m = G / 2**(level + 2): in ints, m may be symbolic
+        step = shape.num_groups >> (level + 2)
+        index = (within.view(rows * groups, n) + offsets[::step, None]).view(-1)
         raw = raw.view(-1, dim).index_select(0, index)
         scored = scored.view(-1, dim + 3).index_select(0, index)
     raise AssertionError('unreachable: a layout has at least one level')

@@ -48,11 +48,13 @@ class SimpleFeaturePyramid(BaseModule):
             raise ValueError(f'levels={tuple(levels)} is invalid; allowed values: a non-empty '
                              f'subset of {tuple(range(len(PYRAMID_STRIDES)))}')
         self.levels = tuple(levels)
-        for level in self.levels:
-            self.add_module(f'level{level}', _make_level(level, channels))
+        # names, not ints, for the forward: dynamo may make int attributes symbolic
+        self._level_names = tuple(f'level{level}' for level in self.levels)
+        for level, name in zip(self.levels, self._level_names):
+            self.add_module(name, _make_level(level, channels))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if len(feats) != len(self.levels):
             raise ValueError(f'expected {len(self.levels)} stride-16 maps (one per level '
                              f'{self.levels}), got {len(feats)}')
-        return [getattr(self, f'level{level}')(feat) for level, feat in zip(self.levels, feats)]
+        return [getattr(self, name)(feat) for name, feat in zip(self._level_names, feats)]

@@ -4,9 +4,8 @@ tokens."""
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-from .capture import Size, is_concrete, pad_to, size_cache
+from .capture import Size, is_concrete, pad_end, pad_to, size_cache
 
 Window = Union[int, Tuple[int, int]]
 
@@ -19,10 +18,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: Window, value: float = 0.) -> tor
     """Pad a (B, H, W, C) map at the bottom/right so that H and W are multiples of ``multiple``."""
     mh, mw = _pair(multiple)
     h, w = x.shape[1:3]
-    pad_h, pad_w = pad_to(h, mh), pad_to(w, mw)
-    if not is_concrete(pad_h, pad_w) or pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h), value=value)
-    return x
+    return pad_end(x, ((1, pad_to(h, mh)), (2, pad_to(w, mw))), value)
 
 
 def window_partition(x: torch.Tensor, window: Window) -> torch.Tensor:

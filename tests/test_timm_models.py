@@ -317,7 +317,8 @@ def test_torchscript_and_fx_symbolic_tracing_fail_as_documented(name):
     """docs/timm.md: no TorchScript (Python its compiler rejects), no FX symbolic tracing (shape
     checks on Proxy objects); the capture paths are torch.compile and ONNX."""
     model = _create(name).eval()
-    with pytest.raises((RuntimeError, ValueError, AssertionError, TypeError)):
+    with pytest.raises((RuntimeError, ValueError, AssertionError, TypeError,
+                        torch.jit.frontend.FrontendError)):
         torch.jit.script(model)
     with pytest.raises(ValueError, match=r'input must be a 4-D tensor .*got Proxy'):
         torch.fx.symbolic_trace(model)

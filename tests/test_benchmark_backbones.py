@@ -2,6 +2,7 @@
 import argparse
 import subprocess
 import sys
+from typing import List, Tuple
 
 import pytest
 
@@ -9,6 +10,18 @@ from .helpers import ROOT, load_tool
 
 SCRIPT = ROOT / 'tools' / 'analysis' / 'benchmark_backbones.py'
 bench = load_tool('tools/analysis/benchmark_backbones.py')
+
+
+def _measure(model: str, *args: str) -> Tuple[str, List[List[str]]]:
+    """Run the script on ``model`` (a spec) with ``args``; return its stdout and the cells of
+    the table rows of that model."""
+    result = subprocess.run([sys.executable, str(SCRIPT), '--models', model, *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    prefix = '| ' + model.split(':')[0]
+    rows = [[c.strip() for c in line.strip('|').split('|')]
+            for line in result.stdout.splitlines() if line.startswith(prefix)]
+    return result.stdout, rows
 
 
 def test_parse_spec_literals_nested_commas_and_strings():
@@ -56,14 +69,10 @@ def test_baseline_must_be_measured_and_modes_exclude_each_other():
 
 def test_measures_a_row_per_model_and_size():
     arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), '--models', f'BOATSwin:{arch}', '--sizes', '64x96',
-         '--batch-sizes', '1', '--repeats', '1', '--warmup', '0', '--backward'],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = [line for line in result.stdout.splitlines() if line.startswith('| BOATSwin')]
-    assert len(row) == 1
-    cells = [c.strip() for c in row[0].strip('|').split('|')]
+    _, rows = _measure(f'BOATSwin:{arch}', '--sizes', '64x96', '--batch-sizes', '1',
+                       '--repeats', '1', '--warmup', '0', '--backward')
+    assert len(rows) == 1
+    cells = rows[0]
     assert cells[1:4] == ['64x96', '1', 'fwd+bwd']
     assert float(cells[5]) > 0  # latency in ms
     assert int(cells[7]) > 0  # aten operators per step
@@ -72,17 +81,12 @@ def test_measures_a_row_per_model_and_size():
 def test_train_times_inference_and_a_training_step_with_ratios():
     arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
     spec = f'BOATSwin:{arch}'
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), '--models', spec, '--sizes', '64x96', '--repeats', '1',
-         '--warmup', '0', '--train', '--baseline', spec],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [[c.strip() for c in line.strip('|').split('|')]
-            for line in result.stdout.splitlines() if line.startswith('| BOATSwin')]
+    stdout, rows = _measure(spec, '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
+                            '--train', '--baseline', spec)
     assert [row[3] for row in rows] == ['fwd', 'fwd+bwd']
     # a training step dispatches the forward's operators and their backward
     assert int(rows[1][7]) > int(rows[0][7]) > 0
-    assert 'ratios to ' + spec + ':' in result.stdout
+    assert 'ratios to ' + spec + ':' in stdout
 
 
 def test_compiled_columns_beside_the_eager_ones():
@@ -100,14 +104,10 @@ def test_compiled_columns_beside_the_eager_ones():
 
 def test_compile_measures_eager_and_compiled_side_by_side():
     arch = "arch={'embed_dims':16,'depths':(1,1,1,1),'num_heads':(1,2,2,4)},pretrain_img_size=64"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), '--models', f'MAFormer:{arch}', '--sizes', '64x96',
-         '--repeats', '1', '--warmup', '0', '--compile', '--compile-backend', 'eager'],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "torch.compile(mode='default', backend='eager')" in result.stdout
-    row = [line for line in result.stdout.splitlines() if line.startswith('| MAFormer')]
-    cells = [c.strip() for c in row[0].strip('|').split('|')]
+    stdout, rows = _measure(f'MAFormer:{arch}', '--sizes', '64x96', '--repeats', '1',
+                            '--warmup', '0', '--compile', '--compile-backend', 'eager')
+    assert "torch.compile(mode='default', backend='eager')" in stdout
+    cells = rows[0]
     assert len(cells) == 12
     assert float(cells[5]) > 0 and float(cells[8]) > 0  # eager and compiled latency
     assert cells[9].endswith('x')

@@ -221,6 +221,14 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return x
 
     @staticmethod
+    def _chunks_and_halos(n: Size, rows: Optional[int], pad: int
+                          ) -> Tuple[List[Tuple[Size, Size]], List[Tuple[Size, Size]]]:
+        """The query-row chunks [r0, r1) of :func:`_row_chunks` and, per chunk, the rows
+        [i0, i1) that the depthwise conv (``pad`` rows each side) reads for it."""
+        spans = _row_chunks(n, rows, (pad, pad))
+        return [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
+
+    @staticmethod
     def _centred_shift(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
                        b1: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The heads' means in the map's dtype (H, 1, 1) and bn1's shift for the centred map,
@@ -259,8 +267,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         w3e = w3m.expand(b, h, e)
         keep = None if mask is None else mask.to(a.dtype)
-        spans = _row_chunks(n, rows, (pad, pad))
-        chunks, halo = [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
+        chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
 
         def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
@@ -318,8 +325,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        spans = _row_chunks(n, rows, (pad, pad))
-        chunks, halo = [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
+        chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
 

@@ -4,7 +4,7 @@ synchronisation in a forward, and
 ``torch.onnx.export`` (dynamic batch, H and W) with onnxruntime parity at sizes, batch sizes
 and window paddings other than the export's. Tiny widths; aot_eager captures the same graphs as
 inductor without generating code."""
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import onnx
 import onnxruntime as ort
@@ -20,10 +20,20 @@ EXPORT_SIZE = (64, 96)
 # Other sizes one export must serve: window padding in every family (the maps of 72x80 and
 # 56x104 are no multiples of the windows), non-square, and the same FSLA levels as EXPORT_SIZE.
 OTHER_SIZES = ((72, 80), (56, 104))
-# One graph compiled with dynamic=True serves these (tiny widths; every windowed map padded:
-# window 7 on 24x32 ... 20x24). Refiner-ViT still compiles a second graph at the second size
-# (docs/compile_and_export.md#recompilation-dynamic-shapes).
-DYNAMIC_SIZES = {'MAFormer': ((96, 128), (128, 160), (160, 192))}
+# One graph serves each family's sizes (batch, H, W), compiled with dynamic=True (MAFormer) or
+# with batch, height and width marked dynamic (all): square and not, windows padded and not, two
+# batch sizes; BOAT: one FSLA level tuple; Refiner-ViT: token grids 5x6, 6x7, 8x9 (odd grids for
+# its stride-32 pooling, inputs that are no multiples of 16). Dynamo specialises sizes of 1, so
+# every windowed map spans two windows or more per side (or one in every size); maps are even
+# wherever timm's PatchMerging halves one (MAFormer, BOAT-Swin: its padding branches on parity);
+# the batches of window images stay below 16 (torch's CPU convolution picks its kernel by
+# whether a batch has 16 images: BOAT-CSWin's and Refiner-ViT's convolutions over windows).
+DYNAMIC_SIZES = {
+    'BOATSwin': ((2, 64, 64), (3, 64, 96), (2, 96, 64)),
+    'BOATCSWin': ((2, 64, 64), (3, 56, 80), (2, 96, 64)),
+    'MAFormer': ((2, 96, 128), (3, 128, 160), (2, 160, 160)),
+    'RefinerViT': ((2, 80, 96), (3, 96, 104), (2, 128, 136)),
+}
 # What makes the host wait for the device (values read back, shapes that depend on data).
 HOST_SYNC_OPS = ('aten::_local_scalar_dense', 'aten::item', 'aten::is_nonzero', 'aten::nonzero',
                  'aten::masked_select', 'aten::equal', 'aten::_unique2', 'aten::unique_dim')
@@ -97,14 +107,9 @@ def test_compiled_training_step_equals_eager(name, options):
     assert relative_norm_error(grads, ref_grads) <= COMPILE_RTOL
 
 
-@pytest.mark.parametrize('name', ['MAFormer'])
-def test_dynamic_shapes_compile_one_graph_for_every_size(name):
-    """``dynamic=True``: one graph serves three sizes, equal to eager at each (dynamo turns the
-    modules' int attributes symbolic too). The first size is not square (duck shaping would
-    guard on H == W); every map spans two windows or more and is even where a stage halves it
-    (dynamo specialises sizes of 1; timm's PatchMerging and Refiner-ViT's ceil-mode pooling
-    branch on parity); see docs/compile_and_export.md#recompilation-dynamic-shapes."""
-    model = build(name).eval()
+def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int, int]],
+                          dynamic: Optional[bool], mark: bool) -> int:
+    """Graphs dynamo compiles for ``model`` (eval) over ``sizes``, each output equal to eager."""
     graphs = []
 
     def counting(gm: torch.fx.GraphModule, example_inputs) -> Callable:
@@ -112,14 +117,37 @@ def test_dynamic_shapes_compile_one_graph_for_every_size(name):
         return gm.forward
 
     torch._dynamo.reset()
-    model_c = torch.compile(model, backend=counting, dynamic=True, fullgraph=True)
-    for hw in DYNAMIC_SIZES[name]:
-        x = torch.randn(2, 3, *hw)
+    model_c = torch.compile(model, backend=counting, dynamic=dynamic, fullgraph=True)
+    for size in sizes:
+        x = torch.randn(*size[:1], 3, *size[1:])
+        if mark:
+            for dim in (0, 2, 3):
+                torch._dynamo.maybe_mark_dynamic(x, dim)
         with torch.no_grad():
             outs, refs = model_c(x), model(x)
-        assert [o.shape for o in outs] == [r.shape for r in refs], hw
-        assert relative_error(outs, refs) <= COMPILE_RTOL, hw
-    assert len(graphs) == 1
+        assert [o.shape for o in outs] == [r.shape for r in refs], size
+        assert relative_error(outs, refs) <= COMPILE_RTOL, size
+    return len(graphs)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_marked_dynamic_sizes_compile_one_graph(name):
+    """Batch, height and width marked dynamic (``torch._dynamo.maybe_mark_dynamic``): one graph
+    serves every size of DYNAMIC_SIZES, equal to eager at each; no guard on a size's value
+    (padding or not, parity, square or not)."""
+    model = build(name).eval()
+    if hasattr(model, 'fsla_levels'):
+        levels = {model.fsla_levels(size[1:]) for size in DYNAMIC_SIZES[name]}
+        assert len(levels) == 1, levels
+    assert count_compiled_graphs(model, DYNAMIC_SIZES[name], None, mark=True) == 1
+
+
+def test_dynamic_true_compiles_one_graph_for_every_size():
+    """``dynamic=True`` (MAFormer): one graph for every size of DYNAMIC_SIZES, although torch
+    2.4 also makes the modules' int attributes symbolic. The first size is not square: duck
+    shaping would give H and W one symbol and guard on H == W."""
+    model = build('MAFormer').eval()
+    assert count_compiled_graphs(model, DYNAMIC_SIZES['MAFormer'], True, mark=False) == 1
 
 
 @pytest.mark.parametrize('name', NAMES)

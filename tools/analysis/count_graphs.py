@@ -3,15 +3,23 @@
     python tools/analysis/count_graphs.py \
         --models MAFormer:arch=tiny RefinerViT:arch=small \
         --sizes 512x512 512x640 640x640 800x1088 800x1216 --batch-size 2 \
-        --dynamic none true [--backend eager] [--reasons]
+        [--dynamic none true marked] [--backend eager] [--reasons]
 
 Every (model, ``dynamic``) runs in its own process (dynamo's caches and automatic-dynamic
 state start empty) and calls the compiled model (``fullgraph=True``, eval mode, no autograd)
 once per size in the order given; a backend that counts its calls counts the graphs. The
 number of graphs does not depend on the widths: tiny archs count as fast. ``--reasons``
-prints the guard failures that made dynamo recompile. Dynamo gives equal sizes one symbol
-("duck shaping", no switch in torch 2.4): a graph compiled at a square input guards on
-H == W, and the first non-square size compiles a second one. For BOAT, the FSLA level counts
+prints the guard failures that made dynamo recompile.
+
+``--dynamic``: ``none`` is torch.compile's default (a static first graph, then the sizes that
+changed symbolic), ``true`` is ``dynamic=True``, ``marked`` is the default with the batch, height
+and width of every input marked dynamic (``torch._dynamo.maybe_mark_dynamic``). ``true`` and
+the default give equal input sizes one symbol ("duck shaping"): a graph compiled at a square
+input guards on H == W, and the first non-square size compiles a second one; marked sizes get
+a symbol each. torch 2.4's ``dynamic=True`` also turns every int attribute of the modules
+(window and group sizes, heads, ...) into a graph input, which makes the shape reasoning of
+BOAT's graphs, and its compile time, many times larger; ``marked`` keeps them constants (as
+torch >= 2.5 does with ``dynamic=True``). For BOAT, the FSLA level counts
 of every size (``model.fsla_levels((H, W))``) are printed with it: dynamic shapes give at most
 one graph per distinct tuple of level counts.
 """
@@ -28,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_backbones import build_backbone, parse_size, parse_spec  # noqa: E402
 
 WORKER_FLAG = '--worker'
-DYNAMIC = {'none': None, 'true': True, 'false': False}
+DYNAMIC = {'none': None, 'true': True, 'false': False, 'marked': None}
+MARKED_DIMS = (0, 2, 3)  # batch, height, width
 
 
 class _Reasons(logging.Handler):
@@ -43,9 +52,10 @@ class _Reasons(logging.Handler):
 
 
 def count_graphs(model, sizes: List[Tuple[int, int]], batch: int, dynamic: Optional[bool],
-                 backend: str = 'eager', device: str = 'cpu') -> Dict:
+                 backend: str = 'eager', device: str = 'cpu', marked: bool = False) -> Dict:
     """Compile ``model`` (eval, ``fullgraph=True``) and call it at every size: graphs compiled
-    in all, after each size, and the seconds each call took (compilation included)."""
+    in all, after each size, and the seconds each call took (compilation included).
+    ``marked``: every input's batch, height and width are marked dynamic."""
     import torch
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -62,6 +72,9 @@ def count_graphs(model, sizes: List[Tuple[int, int]], batch: int, dynamic: Optio
     after, seconds = [], []
     for h, w in sizes:
         x = torch.randn(batch, 3, h, w, device=device)
+        if marked:
+            for dim in MARKED_DIMS:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
         start = time.perf_counter()
         with torch.no_grad():
             compiled(x)
@@ -81,7 +94,7 @@ def run_worker(args: argparse.Namespace) -> Dict:
         torch._logging.set_logs(recompiles=True)
         logging.getLogger('torch._dynamo').addHandler(reasons)
     row = count_graphs(model, args.sizes, args.batch_size, DYNAMIC[args.dynamic[0]],
-                       args.backend, args.device)
+                       args.backend, args.device, marked=args.dynamic[0] == 'marked')
     if hasattr(model, 'fsla_levels'):
         row['fsla_levels'] = [list(model.fsla_levels(hw)) for hw in args.sizes]
     row['reasons'] = [m for m in reasons.messages if 'triggered by' in m or '- ' in m]
@@ -131,8 +144,10 @@ def main() -> None:
     parser.add_argument('--sizes', nargs='+', type=parse_size,
                         default=[(512, 512), (512, 640), (640, 640), (800, 1088), (800, 1216)])
     parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--dynamic', nargs='+', choices=list(DYNAMIC), default=['none', 'true'],
-                        help="torch.compile's dynamic argument (none: automatic)")
+    parser.add_argument('--dynamic', nargs='+', choices=list(DYNAMIC),
+                        default=['none', 'true', 'marked'],
+                        help="torch.compile's dynamic argument (none: automatic; marked: "
+                             "automatic with batch, height and width marked dynamic)")
     parser.add_argument('--backend', default='eager',
                         help="a torch.compile backend (eager, aot_eager, inductor)")
     parser.add_argument('--device', default='cpu')

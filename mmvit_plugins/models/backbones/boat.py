@@ -22,9 +22,12 @@ from ..layers import (
     WindowMSA,
     attend_in_windows,
     ceil_div,
+    crop_end,
     pad_end,
     pad_to,
     pad_to_multiple,
+    window_count,
+    window_extent,
     window_padding_mask,
     window_partition,
     window_reverse,
@@ -275,12 +278,6 @@ class BOATSwin(_BOATBackbone):
 # --------------------------------------------------------------------------------------------
 # BOAT-CSWin
 # --------------------------------------------------------------------------------------------
-def _window_extent(window: Tuple[Optional[int], Optional[int]], h: int,
-                   w: int) -> Tuple[int, int]:
-    """A cross-shaped branch's window on an (h, w) map: ``None`` is the whole extent."""
-    return window[0] or h, window[1] or w
-
-
 class CrossShapedWindowAttention(nn.Module):
     """CSWin attention with LePE on (B, H, W, C) maps.
 
@@ -316,7 +313,7 @@ class CrossShapedWindowAttention(nn.Module):
         b, h, w = x.shape[:3]
         masks: List[Optional[torch.Tensor]] = []
         for window in self.windows:
-            padding = window_padding_mask((h, w), _window_extent(window, h, w), x.device)
+            padding = window_padding_mask((h, w), window, x.device)
             mask = None
             if padding is not None:
                 mask = torch.zeros(padding.shape, dtype=output_dtype(x), device=x.device)
@@ -340,22 +337,27 @@ class CrossShapedWindowAttention(nn.Module):
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, c) each -> (B, H, W, c): attention + LePE inside the branch's windows."""
         b, h, w, c = q.shape
-        win = _window_extent(window, h, w)
-        q, k, v = (pad_to_multiple(t, win) for t in (q, k, v))
+        q, k, v = (pad_to_multiple(t, window) for t in (q, k, v))
         hp, wp = q.shape[1:3]
+        win = window_extent(window, (hp, wp))
         length, heads = win[0] * win[1], self.branch_heads
 
+        # sizes spelled out (no -1): a view that must divide a symbolic size costs dynamo's shape
+        # reasoning far more than one it can compare
+        windows = b * window_count(window, (hp, wp))
+
         def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return window_partition(t, win).view(-1, length, heads, c // heads).transpose(1, 2)
+            t = window_partition(t, window).view(windows, length, heads, c // heads)
+            return t.transpose(1, 2)
 
         # LePE on channels-last windows: no transpose copy, and the conv output is already laid
         # out as (windows, length, heads, head_dim), like SDPA's output
-        pos = lepe(window_partition(v, win).view(-1, *win, c).permute(0, 3, 1, 2))
-        pos = pos.permute(0, 2, 3, 1).reshape(-1, length, heads, c // heads).transpose(1, 2)
+        pos = lepe(window_partition(v, window).view(windows, *win, c).permute(0, 3, 1, 2))
+        pos = pos.permute(0, 2, 3, 1).reshape(windows, length, heads, c // heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v),
                                              attn_mask=mask) + pos
-        out = window_reverse(out.transpose(1, 2).reshape(-1, length, c), win, hp, wp)
-        return out[:, :h, :w]
+        out = window_reverse(out.transpose(1, 2).reshape(windows, length, c), window, hp, wp)
+        return crop_end(out, ((1, h), (2, w)))
 
 
 class CSWinPatchEmbed(nn.Module):

@@ -24,6 +24,7 @@ from mmvit_plugins.models.layers import (
     capturing,
     ceil_div,
     contains,
+    crop_end,
     pad_end,
     pad_to,
     pad_to_multiple,
@@ -603,7 +604,8 @@ class RefinedAttention(nn.Module):
         padding = window_padding_mask(hw, self.window_size, x.device)
         valid = None if padding is None else (~padding).repeat(b, 1)
         out, attn = self._attend(window_partition(x, self.window_size), prev, valid)
-        out = window_reverse(out, self.window_size, hp, wp)[:, :h, :w].reshape(b, n, c)
+        out = crop_end(window_reverse(out, self.window_size, hp, wp), ((1, h), (2, w)))
+        out = out.reshape(b, n, c)
         return self.proj(out), attn
 
     def _attend(self, x: torch.Tensor, prev: Optional[torch.Tensor],
@@ -996,6 +998,6 @@ class RefinerViT(PyramidBackbone):
             stride = PYRAMID_STRIDES[i]
             if norm:
                 out = getattr(self, f'out_norm{i}')(out)
-            out = out[..., :ceil_div(size[0], stride), :ceil_div(size[1], stride)]
+            out = crop_end(out, ((2, ceil_div(size[0], stride)), (3, ceil_div(size[1], stride))))
             outs.append(out.contiguous().to(dtype))
         return tuple(outs)

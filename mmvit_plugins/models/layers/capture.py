@@ -98,3 +98,22 @@ def pad_end(x: torch.Tensor, pads: Sequence[Tuple[int, Size]], value: float = 0.
         real = (index < size).view([-1 if d == dim % x.dim() else 1 for d in range(x.dim())])
         x = torch.where(real, x, torch.full((), value, dtype=x.dtype, device=x.device))
     return x
+
+
+def crop_end(x: torch.Tensor, sizes: Sequence[Tuple[int, Size]]) -> torch.Tensor:
+    """The first ``size`` entries of dim ``dim`` of x, for every ``(dim, size)`` of ``sizes``:
+    what :func:`pad_end` added, removed.
+
+    A view (slicing) in eager code and ONNX traces. While dynamo compiles, a gather of the kept
+    entries instead: slicing returns x itself where nothing is cropped, and a reshape of the
+    view depends on whether it is contiguous; both would specialise a graph with dynamic shapes
+    on whether the map was padded. The gather gives a new contiguous tensor either way.
+    """
+    if not torch.compiler.is_compiling():
+        index = [slice(None)] * x.dim()
+        for dim, size in sizes:
+            index[dim] = slice(None, size)
+        return x[tuple(index)]
+    for dim, size in sizes:
+        x = x.index_select(dim, torch.arange(size, device=x.device))
+    return x

@@ -7,11 +7,29 @@ One stride-16 map per level becomes a map of stride 4 (two 2x2 transposed convs)
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from .capture import pad_end, pad_to
+
 PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+class CeilMaxPool2d(nn.Module):
+    """2x2 max pooling that keeps the last row/column of an odd-sized map, as ``nn.MaxPool2d``
+    with ``ceil_mode=True``: (B, C, h, w) -> (B, C, ceil(h / 2), ceil(w / 2)).
+
+    The map is padded to even sizes with -inf first (the same maxima): ``ceil_mode``'s output
+    size branches on the parity of the input, which would specialise a graph with dynamic
+    shapes on it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = pad_end(x, ((-2, pad_to(h, 2)), (-1, pad_to(w, 2))), float('-inf'))
+        return F.max_pool2d(x, kernel_size=2, stride=2)
 
 
 def _make_level(level: int, channels: int) -> nn.Module:
@@ -25,8 +43,7 @@ def _make_level(level: int, channels: int) -> nn.Module:
         return nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
     if level == 2:
         return nn.Identity()
-    # ceil_mode keeps the last row/column of an odd-sized map.
-    return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+    return CeilMaxPool2d()
 
 
 class SimpleFeaturePyramid(BaseModule):

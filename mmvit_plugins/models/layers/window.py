@@ -1,58 +1,83 @@
 """Windows of (B, H, W, C) maps: padding to whole windows, partitioning, the padded-token mask,
 and the attention mask that hides padding (and, for shifted windows, other regions) from real
-tokens."""
-from typing import Optional, Tuple, Union
+tokens.
+
+A window is an int (square) or (height, width), where ``None`` is the whole extent of the map
+(CSWin's stripes): nothing is padded along that side and it holds one window. The side is then
+the map's size, also where that is symbolic, without padding arithmetic on it (``pad_to(w, w)``
+is 0, but a graph with dynamic shapes would carry ``(2 * w - 1) // w`` through every shape).
+"""
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .capture import Size, is_concrete, pad_end, pad_to, size_cache
+from .capture import Size, crop_end, is_concrete, pad_end, pad_to, size_cache
 
-Window = Union[int, Tuple[int, int]]
+Window = Union[int, Tuple[Optional[int], Optional[int]]]
 
 
-def _pair(window: Window) -> Tuple[int, int]:
+def _pair(window: Window) -> Tuple[Optional[int], Optional[int]]:
     return (window, window) if isinstance(window, int) else tuple(window)
+
+
+def window_extent(window: Window, hw: Tuple[Size, Size]) -> Tuple[Size, Size]:
+    """(height, width) of the windows on an (H, W) map, ``None`` sides resolved to the map's."""
+    return tuple(size if side is None else side for side, size in zip(_pair(window), hw))
+
+
+def _counts(window: Window, hw: Tuple[Size, Size]) -> List[Size]:
+    """Windows along H and W of a map of whole windows."""
+    return [1 if side is None else size // side for side, size in zip(_pair(window), hw)]
+
+
+def window_count(window: Window, hw: Tuple[Size, Size]) -> Size:
+    """Windows of an (H, W) map of whole windows, per image."""
+    rows, cols = _counts(window, hw)
+    return rows * cols
+
+
+def _pads(window: Window, hw: Tuple[Size, Size], first_dim: int) -> Sequence[Tuple[int, Size]]:
+    """:func:`~.capture.pad_end`'s (dim, pad) for the sides that are padded to whole windows."""
+    return tuple((first_dim + i, pad_to(size, side))
+                 for i, (side, size) in enumerate(zip(_pair(window), hw)) if side is not None)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: Window, value: float = 0.) -> torch.Tensor:
     """Pad a (B, H, W, C) map at the bottom/right so that H and W are multiples of ``multiple``."""
-    mh, mw = _pair(multiple)
-    h, w = x.shape[1:3]
-    return pad_end(x, ((1, pad_to(h, mh)), (2, pad_to(w, mw))), value)
+    return pad_end(x, _pads(multiple, x.shape[1:3], 1), value)
 
 
 def window_partition(x: torch.Tensor, window: Window) -> torch.Tensor:
     """(B, H, W, C) -> (B * num_windows, wh * ww, C); H, W must be multiples of the window."""
-    wh, ww = _pair(window)
     b, h, w, c = x.shape
-    x = x.view(b, h // wh, wh, w // ww, ww, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+    (wh, ww), (nh, nw) = window_extent(window, (h, w)), _counts(window, (h, w))
+    x = x.view(b, nh, wh, nw, ww, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, wh * ww, c)
 
 
-def window_reverse(windows: torch.Tensor, window: Window, h: int, w: int) -> torch.Tensor:
+def window_reverse(windows: torch.Tensor, window: Window, h: Size, w: Size) -> torch.Tensor:
     """(B * num_windows, wh * ww, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
-    wh, ww = _pair(window)
+    (wh, ww), (nh, nw) = window_extent(window, (h, w)), _counts(window, (h, w))
     c = windows.shape[-1]
-    b = windows.shape[0] // ((h // wh) * (w // ww))
-    x = windows.view(b, h // wh, w // ww, wh, ww, c)
+    b = windows.shape[0] // (nh * nw)
+    x = windows.view(b, nh, nw, wh, ww, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def _padding_map(hw: Tuple[Size, Size], window: Tuple[int, int],
-                 device: torch.device) -> torch.Tensor:
+def _padding_map(hw: Tuple[Size, Size], window: Window, device: torch.device) -> torch.Tensor:
     """(Hp, Wp) bool: the (H, W) map padded to whole windows, True where
     :func:`pad_to_multiple` added a token."""
-    (h, w), (mh, mw) = hw, window
-    rows = torch.arange(h + pad_to(h, mh), device=device) >= h
-    cols = torch.arange(w + pad_to(w, mw), device=device) >= w
+    pads = dict(_pads(window, hw, 0))
+    rows, cols = (torch.arange(size + pads.get(i, 0), device=device) >= size
+                  for i, size in enumerate(hw))
     return rows[:, None] | cols[None, :]
 
 
-def _needs_no_mask(hw: Tuple[Size, Size], window: Tuple[int, int], shift_size: int = 0) -> bool:
+def _needs_no_mask(hw: Tuple[Size, Size], window: Window, shift_size: int = 0) -> bool:
     """Nothing is padded or shifted: known only for int sizes (a captured graph with symbolic
     sizes always builds the mask)."""
-    (h, w), (mh, mw) = hw, window
-    return not shift_size and is_concrete(h, w) and h % mh == 0 and w % mw == 0
+    return (not shift_size and is_concrete(*hw)
+            and all(side is None or size % side == 0 for side, size in zip(_pair(window), hw)))
 
 
 @size_cache(maxsize=64)
@@ -61,7 +86,6 @@ def window_padding_mask(hw: Tuple[Size, Size], window: Window,
     """(num_windows, wh * ww) bool, True for the tokens that :func:`pad_to_multiple` adds to an
     (H, W) map, in :func:`window_partition` order; ``None`` when the map needs no padding.
     Cached for int sizes: a stage's blocks, and every forward at the size, share it."""
-    window = _pair(window)
     if _needs_no_mask(hw, window):
         return None
     padding = _padding_map(hw, window, device)
@@ -120,4 +144,4 @@ def attend_in_windows(attention: torch.nn.Module, x: torch.Tensor, window: Windo
     x = window_reverse(attention(window_partition(x, window), mask), window, hp, wp)
     if shift_size:
         x = torch.roll(x, (shift_size, shift_size), (1, 2))
-    return x[:, :h, :w]
+    return crop_end(x, ((1, h), (2, w)))

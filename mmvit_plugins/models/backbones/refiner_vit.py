@@ -265,10 +265,11 @@ class _RefineWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def _workspace(a: torch.Tensor, e: int, rows: Optional[int], pad: int) -> _Workspace:
-        """Chunk buffers for ``rows`` query rows and their halos of the expanded maps."""
-        b, _, n, _ = a.shape
+        """Chunk buffers for ``rows`` query rows and their halos of the expanded maps (or of
+        the H + 1 rows of :meth:`_h1`'s augmented map, if more: expansion 1)."""
+        b, h, n, _ = a.shape
         span = min(n, (rows or n) + 2 * pad)
-        return _Workspace(a, b * span * n * e, rows is not None)
+        return _Workspace(a, b * span * n * max(e, h + 1), rows is not None)
 
     @staticmethod
     def _folded_w1(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,

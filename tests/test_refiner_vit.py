@@ -508,6 +508,34 @@ def test_refine_float32_on_nearly_uniform_maps_matches_float64():
         torch.testing.assert_close(p, ref_p, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize('expansion', [1, 2])
+def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
+    """The chunked training Function with ``dla_expansion`` 1 and 2 (its chunk buffers are
+    sized for the expanded maps and for the map with a row of ones appended, whichever is
+    larger): outputs and gradients as the module formulation, float64."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
+    b, heads, n = 2, 4, 11
+    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * expansion * heads * n)
+    torch.manual_seed(0)
+    dla = DistributedLocalAttention(heads, expansion).double()
+    adapt_bn = torch.nn.BatchNorm2d(heads).double()
+    g = torch.Generator().manual_seed(7)
+    attn = torch.rand(b, heads, n, n, generator=g, dtype=torch.float64).softmax(-1)
+    grad = torch.randn(b, heads, n, n, generator=g, dtype=torch.float64)
+    results = [
+        _refine_step(copy.deepcopy(dla), copy.deepcopy(adapt_bn), attn, grad, fn)
+        for fn in (lambda d, a, x: d.refine(x, a, 0.125),
+                   lambda d, a, x: _reference_refine(d, a, x, 0.125, None))]
+    (out, attn_grad, params, _), (ref_out, ref_attn_grad, ref_params, _) = results
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10 * ref_out.abs().max())
+    torch.testing.assert_close(attn_grad, ref_attn_grad, rtol=0,
+                               atol=1e-10 * ref_attn_grad.abs().max())
+    scale = max(p.abs().max() for p in ref_params)
+    for p, ref_p in zip(params, ref_params):
+        torch.testing.assert_close(p, ref_p, rtol=0, atol=1e-10 * scale)
+
+
 def _assert_grads_close(grads: dict, ref_grads: dict, rel: float = 2e-5) -> None:
     """Parameter gradients within ``rel`` of the largest one of their tensor, or for a refiner
     (whose BN gradients cancel: the float32 reference is ~1e-4 accurate there, see above) of

@@ -135,12 +135,13 @@ def _row_chunks(num_rows: Size, rows: Optional[int],
             for r0 in range(0, num_rows, rows)]
 
 
-def _moments(x: torch.Tensor, dim: Tuple[int, ...]) -> Tuple[int, torch.Tensor, torch.Tensor]:
+def _moments(x: torch.Tensor, dim: Tuple[int, ...], tmp: Optional[torch.Tensor] = None
+             ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, biased variance) of ``x`` over ``dim``, two-pass (``torch.var_mean`` is
-    several times slower on the CPU)."""
+    several times slower on the CPU); ``tmp``: a buffer of ``x``'s shape for the squares."""
     mean = x.mean(dim=dim)
     shape = [x.shape[i] if i not in dim else 1 for i in range(x.dim())]
-    var = (x - mean.view(shape)).square_().mean(dim=dim)
+    var = torch.sub(x, mean.view(shape), out=tmp).square_().mean(dim=dim)
     return x.numel() // mean.numel(), mean, var
 
 
@@ -157,12 +158,13 @@ def _channel_sums(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(-2).sum(dim=tuple(range(x.dim() - 2))).view(x.shape[-2], -1).sum(0)
 
 
-def _channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+def _channel_moments(x: torch.Tensor, tmp: Optional[torch.Tensor] = None
+                     ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, biased variance) per channel of a channels-last map, as :func:`_moments`
     over all dims but the last."""
     count = x.numel() // x.shape[-1]
     mean = _channel_sums(x) / count
-    var = _channel_sums((x - _tile(mean, x.shape[-2])).square_()) / count
+    var = _channel_sums(torch.sub(x, _tile(mean, x.shape[-2]), out=tmp).square_()) / count
     return count, mean, var
 
 
@@ -187,6 +189,25 @@ def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
     return count, mean, m2 / count
 
 
+class _Workspace:
+    """Buffers that the chunks of the refiner's passes reuse (``out=``): on the CPU a fresh
+    chunk-sized tensor costs a page fault per 4 KB, more than the arithmetic on it. Disabled
+    (every request None: the ops allocate) for one whole-map chunk, e.g. while a graph is
+    captured."""
+
+    def __init__(self, like: torch.Tensor, numel: int, enabled: bool):
+        self.like, self.numel, self.enabled = like, numel, enabled
+        self.buffers: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> Optional[torch.Tensor]:
+        """A contiguous ``shape`` view of buffer ``name`` (at most ``numel`` elements)."""
+        if not self.enabled:
+            return None
+        if name not in self.buffers:
+            self.buffers[name] = self.like.new_empty(self.numel)
+        return self.buffers[name][:math.prod(shape)].view(shape)
+
+
 class _RefineWithBatchStats(torch.autograd.Function):
     """:meth:`DistributedLocalAttention.refine` with all four BatchNorms on batch statistics,
     in chunks of query rows, so that the expanded maps never exist whole in the forward.
@@ -197,7 +218,9 @@ class _RefineWithBatchStats(torch.autograd.Function):
     projection in the forward, and its normalised values from the first backward pass (the
     sums bn2's backward needs) to the second: one expanded map at a time, only while the
     Function runs. For the backward only the input map and the (B, H, L, L) output of
-    ``conv_pro`` are kept.
+    ``conv_pro`` are kept. Map-sized (B, H, L, L) steps run chunk by chunk too, on reused
+    chunk buffers: besides the output, one fresh map-sized tensor in the forward (``conv_pro``'s
+    output) and two in the backward (the map gradient, bn3's input gradient).
 
     Inputs: the map (B, H, L, L), the mask (B, 1, L, L) or None, the weights and BN affines
     (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale and
@@ -207,19 +230,31 @@ class _RefineWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def _h1(a: torch.Tensor, center: torch.Tensor, keep: Optional[torch.Tensor],
-            w1t: torch.Tensor, t1: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) (``w1t``, ``t1``: conv and BN folded,
-        applied to ``a - center``, the heads' means (H, 1, 1); ``t1`` tiled (L, eH)), times the
-        float mask ``keep`` (B, 1, L, L): channels-last (B, R, L, eH).
+            w1t: torch.Tensor, r0: int, r1: int, ws: _Workspace
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """relu6(bn1(conv_exp(a))) on query rows [r0, r1), times the float mask ``keep``
+        (B, 1, L, L): channels-last (B, R, L, eH), in buffer ``'h1'``; and ``a - center``
+        on these rows (B, H, R, L), ``center`` the heads' means (H, 1, 1).
 
-        Centred: nearly uniform maps (at initialisation) make bn1's scale large, and
-        ``s1 * (W1 a) + t1`` would then cancel in float32."""
+        ``w1t`` (B, H + 1, eH): conv and BN folded for the centred map, bn1's shift as its last
+        row, which meets a row of ones appended to the centred map (the shift added by the
+        matrix product, not by a pass over the expanded map). Centred: nearly uniform maps
+        (at initialisation) make bn1's scale large, and ``s1 * (W1 a) + t1`` would then cancel
+        in float32."""
         b, h, n, _ = a.shape
-        x = torch.bmm((a[:, :, r0:r1] - center).view(b, h, -1).transpose(1, 2), w1t)
-        x = x.view(b, r1 - r0, n, -1).add_(t1).clamp_(0., 6.)
+        e = w1t.shape[-1]
+        if ws.enabled:
+            aug = ws('augmented', b, h + 1, r1 - r0, n)
+            torch.sub(a[:, :, r0:r1], center, out=aug[:, :h])
+            aug[:, h].fill_(1.)
+        else:
+            aug = torch.cat([a[:, :, r0:r1] - center, a.new_ones(b, 1, r1 - r0, n)], dim=1)
+        x = torch.bmm(aug.view(b, h + 1, -1).transpose(1, 2), w1t,
+                      out=ws('h1', b, (r1 - r0) * n, e))
+        x = x.view(b, r1 - r0, n, e).clamp_(0., 6.)
         if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
             x.mul_(keep[:, 0, r0:r1, :, None])
-        return x
+        return x, aug[:, :h]
 
     @staticmethod
     def _chunks_and_halos(n: Size, rows: Optional[int], pad: int
@@ -230,16 +265,26 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
 
     @staticmethod
-    def _centred_shift(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
-                       b1: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The heads' means in the map's dtype (H, 1, 1) and bn1's shift for the centred map,
-        ``b1 - s1 * W1 (mu - center)``, tiled (L, eH)."""
-        center = mean_a.to(s1.dtype)
-        shift = (w1m.to(mean_a.dtype) @ (mean_a - center.to(mean_a.dtype))).to(s1.dtype)
-        return center.view(-1, 1, 1), _tile(b1 - s1 * shift, n)
+    def _workspace(a: torch.Tensor, e: int, rows: Optional[int], pad: int) -> _Workspace:
+        """Chunk buffers for ``rows`` query rows and their halos of the expanded maps (or of
+        the H + 1 rows of :meth:`_h1`'s augmented map, if more: expansion 1)."""
+        b, h, n, _ = a.shape
+        span = min(n, (rows or n) + 2 * pad)
+        return _Workspace(a, b * span * n * max(e, h + 1), rows is not None)
 
     @staticmethod
-    def _head_moments(a: torch.Tensor, chunks: List[Tuple[int, int]]
+    def _folded_w1(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
+                   b1: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The heads' means in the map's dtype (H, 1, 1) and ``conv_exp`` + bn1 folded for the
+        centred map (B, H + 1, eH) (see :meth:`_h1`): ``(W1 * s1)^T`` over bn1's shift for the
+        centred map, ``b1 - s1 * W1 (mu - center)``."""
+        center = mean_a.to(s1.dtype)
+        shift = (w1m.to(mean_a.dtype) @ (mean_a - center.to(mean_a.dtype))).to(s1.dtype)
+        w1t = torch.cat([(w1m * s1[:, None]).t(), (b1 - s1 * shift)[None]])
+        return center.view(-1, 1, 1), w1t.expand(b, -1, -1)
+
+    @staticmethod
+    def _head_moments(a: torch.Tensor, chunks: List[Tuple[int, int]], ws: _Workspace
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean (H,) and biased covariance (H, H) of the heads of ``a`` over batch, rows and
         columns, accumulated in float64 where the device has it."""
@@ -248,7 +293,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         center = a.mean(dim=(0, 2, 3))
         shift, cov = 0., 0.
         for r0, r1 in chunks:
-            d = (a[:, :, r0:r1] - center.view(h, 1, 1)).view(b, h, -1)
+            d = torch.sub(a[:, :, r0:r1], center.view(h, 1, 1),
+                          out=ws('centred', b, h, r1 - r0, n)).view(b, h, -1)
             shift = shift + d.sum(dim=(0, 2)).to(acc)
             cov = cov + torch.bmm(d, d.transpose(1, 2)).sum(0).to(acc)
         count = b * n * n
@@ -269,39 +315,55 @@ class _RefineWithBatchStats(torch.autograd.Function):
         w3e = w3m.expand(b, h, e)
         keep = None if mask is None else mask.to(a.dtype)
         chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
+        ws = _RefineWithBatchStats._workspace(a, e, rows, pad)
 
         def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
 
         # bn1's statistics: conv_exp(a) = W1 a has mean W1 mu and variance diag(W1 C W1^T)
-        mean_a, cov_a = _RefineWithBatchStats._head_moments(a, chunks)
+        mean_a, cov_a = _RefineWithBatchStats._head_moments(a, chunks, ws)
         w1acc = w1m.to(mean_a.dtype)
         mean1 = (w1acc @ mean_a).to(a.dtype)
         var1 = ((w1acc @ cov_a) * w1acc).sum(1).clamp_(min=0.).to(a.dtype)
         s1 = g1 * rsqrt(var1, 0)
-        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
-        w1f = (w1m * s1[:, None]).t().expand(b, h, e)
+        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1, b)
         y2, moments = [], []
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
+            x = _RefineWithBatchStats._h1(a, center, keep, w1t, s0, s1_, ws)[0]
             x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B, R, L, eH)
-            moments.append(_channel_moments(x))
+            moments.append(_channel_moments(x, ws('sq', *x.shape)))
             y2.append(x)
         _, mean2, var2 = _merge_moments(moments)
         mean2, var2 = mean2.to(a.dtype), var2.to(a.dtype)
         s2 = g2 * rsqrt(var2, 1)
         t2, s2 = _tile(b2 - mean2 * s2, n), _tile(s2, n)
-        y3 = []
-        for (r0, r1), x in zip(chunks, y2):
-            x = torch.addcmul(t2, x, s2).clamp_(0., 6.)
-            y3.append(torch.bmm(w3e, x.view(b, -1, e).transpose(1, 2)).view(b, h, r1 - r0, n))
-        del y2, x
-        y3 = torch.cat(y3, dim=2) if len(y3) > 1 else y3[0]
-        _, mean3, var3 = _moments(y3, (0, 2, 3))
+        # conv_pro's output y3 and its statistics, chunk by chunk
+        y3 = a.new_empty(b, h, n, n) if len(chunks) > 1 else None
+        moments = []
+        for i, (r0, r1) in enumerate(chunks):
+            x, y2[i] = y2[i], None
+            x = torch.addcmul(t2, x, s2, out=ws('x2', *x.shape)).clamp_(0., 6.)
+            y = torch.bmm(w3e, x.view(b, -1, e).transpose(1, 2),
+                          out=None if y3 is None else y3[:, :, r0:r1].view(b, h, -1))
+            y = y.view(b, h, r1 - r0, n)
+            y3 = y if y3 is None else y3
+            moments.append(_moments(y, (0, 2, 3), ws('centred', *y.shape)))
+        del y2, x, y
+        _, mean3, var3 = _merge_moments(moments)
+        mean3, var3 = mean3.to(a.dtype), var3.to(a.dtype)
         s3 = g3 * rsqrt(var3, 2)
-        u = torch.addcmul((b3 - mean3 * s3).view(h, 1, 1), y3, s3.view(h, 1, 1)).add_(a)
-        _, mean4, var4 = _moments(u, (0, 2, 3))
+        s3v, t3v = s3.view(h, 1, 1), (b3 - mean3 * s3).view(h, 1, 1)
+        # u = bn3(y3) + a and its statistics, chunk by chunk; then adapt_bn on u in place
+        u = torch.empty_like(y3) if len(chunks) > 1 else None
+        moments = []
+        for r0, r1 in chunks:
+            uc = torch.addcmul(t3v, y3[:, :, r0:r1], s3v, out=None if u is None else
+                               u[:, :, r0:r1]).add_(a[:, :, r0:r1])
+            u = uc if u is None else u
+            moments.append(_moments(uc, (0, 2, 3), ws('centred', *uc.shape)))
+        _, mean4, var4 = _merge_moments(moments)
+        mean4, var4 = mean4.to(a.dtype), var4.to(a.dtype)
         s4 = g4 * rsqrt(var4, 3)
         out = u.mul_((s4 * scale).view(h, 1, 1)).add_(((b4 - mean4 * s4) * scale).view(h, 1, 1))
         if mask is not None:
@@ -327,33 +389,47 @@ class _RefineWithBatchStats(torch.autograd.Function):
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
+        ws = _RefineWithBatchStats._workspace(a, e, rows, pad)
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
-
-        def bn_backward(g: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor,
-                        rstd: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-            """In place on ``g``: d/dx of weight * normed(x) + bias given g = d/dout; and
-            the gradients of weight and bias."""
-            sum_g, sum_gn = g.sum(dim=(0, 2, 3)), (g * normed).sum(dim=(0, 2, 3))
-            g.addcmul_(normed, (sum_gn / -count).view(-1, 1, 1))
-            g.sub_((sum_g / count).view(-1, 1, 1))
-            return g.mul_((weight * rstd).view(-1, 1, 1)), sum_gn, sum_g
-
-        g = grad * scale
-        if mask is not None:
-            g = g.masked_fill(~mask, 0.)
         s3 = g3 * r3_
-        normed = torch.addcmul((b3 - mean3 * s3).view(h, 1, 1), y3, s3.view(h, 1, 1))
-        normed = normed.add_(a).sub_(mean4.view(h, 1, 1)).mul_(r4_.view(h, 1, 1))
-        grad_u, grad_g4, grad_b4 = bn_backward(g, normed, g4, r4_)
-        normed = (y3 - mean3.view(h, 1, 1)).mul_(r3_.view(h, 1, 1))
-        gy3, grad_g3, grad_b3 = bn_backward(grad_u.clone(), normed, g3, r3_)
-        del normed
-        grad_a = grad_u
+        s3v, t3v = s3.view(h, 1, 1), (b3 - mean3 * s3).view(h, 1, 1)
+        mean3v, r3v, mean4v, r4v = (v.view(h, 1, 1) for v in (mean3, r3_, mean4, r4_))
+
+        def normed4(r0: int, r1: int) -> torch.Tensor:
+            """adapt_bn's normalised input on rows [r0, r1), in buffer ``'centred'``."""
+            u = torch.addcmul(t3v, y3[:, :, r0:r1], s3v, out=ws('centred', b, h, r1 - r0, n))
+            return u.add_(a[:, :, r0:r1]).sub_(mean4v).mul_(r4v)
+
+        def normed3(r0: int, r1: int) -> torch.Tensor:
+            """bn3's normalised input on rows [r0, r1), in buffer ``'centred'``."""
+            return torch.sub(y3[:, :, r0:r1], mean3v, out=ws('centred', b, h, r1 - r0, n)
+                             ).mul_(r3v)
+
+        # adapt_bn's and bn3's backward (BN backward: g - mean(g) - normed * mean(g * normed),
+        # times weight * rstd), chunk by chunk on the recomputed normalised inputs
+        g = grad.mul(scale).contiguous()
+        if keep is not None:
+            g.mul_(keep)
+        sum_g4, sum_gn4 = g.sum(dim=(0, 2, 3)), 0.
+        for r0, r1 in chunks:
+            sum_gn4 = sum_gn4 + normed4(r0, r1).mul_(g[:, :, r0:r1]).sum(dim=(0, 2, 3))
+        neg_k4, mean_g4, a4 = ((sum_gn4 / -count).view(h, 1, 1), (sum_g4 / count).view(h, 1, 1),
+                               (g4 * r4_).view(h, 1, 1))
+        sum_g3, sum_gn3 = 0., 0.
+        for r0, r1 in chunks:
+            gu = g[:, :, r0:r1].addcmul_(normed4(r0, r1), neg_k4).sub_(mean_g4).mul_(a4)
+            sum_g3 = sum_g3 + gu.sum(dim=(0, 2, 3))
+            sum_gn3 = sum_gn3 + normed3(r0, r1).mul_(gu).sum(dim=(0, 2, 3))
+        grad_g4, grad_b4, grad_g3, grad_b3 = sum_gn4, sum_g4, sum_gn3, sum_g3
+        neg_k3, mean_g3, a3 = ((sum_gn3 / -count).view(h, 1, 1), (sum_g3 / count).view(h, 1, 1),
+                               (g3 * r3_).view(h, 1, 1))
+        grad_a = g  # adapt_bn's input gradient; the refiner's map gradient is added to it
+        gy3 = torch.empty_like(g)  # bn3's input gradient, written in pass 1
         # the expanded maps recomputed with the forward's statistics
         s1 = g1 * r1_
-        center, t1 = _RefineWithBatchStats._centred_shift(mean_a, w1m, s1, b1, n)
-        w1f = (w1m * s1[:, None]).t().expand(b, h, e)
+        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1, b)
+        w1f = w1t[:, :h]
         w3t = w3m.expand(b, h, e)
         mean2_t, r2_t, g2_t, b2_t = (_tile(v, n) for v in (mean2, r2_, g2, b2))
         # pass 1: bn2's backward needs sum(gz2) and sum(gz2 * n2) over the whole map first;
@@ -362,36 +438,41 @@ class _RefineWithBatchStats(torch.autograd.Function):
         grad_w3 = torch.zeros_like(w3m)
         sum_gz2, sum_gz2n2 = 0., 0.
         for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, s0, s1_)
+            gy = torch.addcmul(grad_a[:, :, r0:r1], normed3(r0, r1), neg_k3,
+                               out=gy3[:, :, r0:r1]).sub_(mean_g3).mul_(a3).view(b, h, -1)
+            x1 = _RefineWithBatchStats._h1(a, center, keep, w1t, s0, s1_, ws)[0]
             y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
             y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
             if n2_rows is None:
                 n2 = n2_rows = y2.sub_(mean2_t).mul_(r2_t)
             else:
                 n2 = torch.sub(y2, mean2_t, out=n2_rows[:, r0:r1]).mul_(r2_t)
-            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
-            gy = gy3[:, :, r0:r1].reshape(b, h, -1)
+            x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
             grad_w3 += torch.bmm(gy, x2.view(b, -1, e)).sum(0)
-            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
+            gz2 = torch.bmm(gy.transpose(1, 2), w3t, out=ws('gz2', b, (r1 - r0) * n, e))
+            gz2 = _hardtanh_backward_(gz2.view_as(x2), x2)
             sum_gz2 = sum_gz2 + _channel_sums(gz2)
             sum_gz2n2 = sum_gz2n2 + _channel_sums(gz2.mul_(n2))
-        del x1, y2, n2, x2, gz2
-        mean_gz2, neg_mean_gz2n2, a2 = (_tile(v, n) for v in (sum_gz2 / count,
-                                                               sum_gz2n2 / -count, g2 * r2_))
+        del x1, y2, n2, x2, gz2, gy
         # pass 2: bn2's and the depthwise conv's backward on rows [r0, r1), from gz2 on the
-        # rows around them; bn1's backward: sum(gz1), the products of gz1 with the centred map
-        # (H x eH) and with W1 (the map gradient, up to an H x H correction made below)
+        # rows around them, with bn2's weight * rstd (a2) folded into conv_pro's weight;
+        # bn1's backward: sum(gz1), the products of gz1 with the centred map (H x eH) and with
+        # W1 (the map gradient, up to an H x H correction made below)
+        a2 = g2 * r2_
+        w3a = (w3m * a2).expand(b, h, e)
+        neg_mean_gz2, neg_k2 = (_tile(v, n) for v in (a2 * sum_gz2 / -count,
+                                                       a2 * sum_gz2n2 / -count))
         w2_flipped = w2.flip(-1, -2)
         grad_w2 = torch.zeros_like(w2)
         sum_gz1, gz1_a = 0., 0.
         for (r0, r1), (f0, f1) in zip(chunks, halo):
-            x1 = _RefineWithBatchStats._h1(a, center, keep, w1f, t1, f0, f1)
+            x1, centred = _RefineWithBatchStats._h1(a, center, keep, w1t, f0, f1, ws)
             n2 = n2_rows[:, f0:f1]
-            x2 = torch.addcmul(b2_t, n2, g2_t).clamp_(0., 6.)
+            x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
             gy = gy3[:, :, f0:f1].reshape(b, h, -1)
-            gz2 = _hardtanh_backward_(torch.bmm(gy.transpose(1, 2), w3t).view_as(x2), x2)
-            gy2 = gz2.sub_(mean_gz2).addcmul_(n2, neg_mean_gz2n2).mul_(a2)
-            gy2 = gy2.permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
+            gz2 = torch.bmm(gy.transpose(1, 2), w3a, out=ws('gz2', b, (f1 - f0) * n, e))
+            gy2 = _hardtanh_backward_(gz2.view_as(x2), x2).add_(neg_mean_gz2)
+            gy2 = gy2.addcmul_(n2, neg_k2).permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
             gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
             # depthwise weight gradient from the output rows r0:r1 and their input rows
             x1_rows = x1.permute(0, 3, 1, 2)
@@ -403,10 +484,10 @@ class _RefineWithBatchStats(torch.autograd.Function):
             gz1 = _hardtanh_backward_(gh1.permute(0, 2, 3, 1), x1[:, r0 - f0:r1 - f0])
             sum_gz1 = sum_gz1 + _channel_sums(gz1)
             gz1 = gz1.view(b, -1, e)
-            centred = (a[:, :, r0:r1] - center).view(b, h, -1)
+            centred = centred[:, :, r0 - f0:r1 - f0].reshape(b, h, -1)
             gz1_a = gz1_a + torch.bmm(centred, gz1).sum(0)
-            grad_a[:, :, r0:r1] += torch.bmm(w1f, gz1.transpose(1, 2)).view(b, h, r1 - r0, n)
-        del x1, n2, x2, gz2, gy2, gh1, gz1, centred, n2_rows
+            grad_a[:, :, r0:r1].view(b, h, -1).baddbmm_(w1f, gz1.transpose(1, 2))
+        del x1, n2, x2, gz2, gy, gy2, gh1, gz1, centred, n2_rows, gy3
         # bn1: gy1 = s1 (gz1 - mean(gz1)) - s1 r1 mean(gz1 n1) (W1 (a - mu)), n1 its normalised
         # input r1 W1 (a - mu); its sums follow from gz1_a = sum (a - mu) gz1^T (H, eH)
         acc = mean_a.dtype
@@ -420,9 +501,11 @@ class _RefineWithBatchStats(torch.autograd.Function):
         # uniform, their mean would cancel in float32)
         correction = (-(w1acc.t() * k1) @ w1acc).to(a.dtype).expand(b, h, h)
         bias = correction[0] @ (mean_a.to(a.dtype) - center.view(h))
-        bias = bias - (w1acc.t() @ (s1acc * sum_gz1 / count)).to(a.dtype)
-        grad_a = grad_a.view(b, h, -1).baddbmm_(correction, (a - center).view(b, h, -1))
-        grad_a = grad_a.add_(bias.view(h, 1)).view(b, h, n, n)
+        bias = (bias - (w1acc.t() @ (s1acc * sum_gz1 / count)).to(a.dtype)).view(h, 1)
+        for r0, r1 in chunks:
+            centred = torch.sub(a[:, :, r0:r1], center, out=ws('centred', b, h, r1 - r0, n))
+            grad_a[:, :, r0:r1].view(b, h, -1).baddbmm_(correction, centred.view(b, h, -1)
+                                                       ).add_(bias)
         return (grad_a, None, grad_w1.to(a.dtype).view_as(w1), sum_gz1n1.to(a.dtype),
                 sum_gz1.to(a.dtype), grad_w2, sum_gz2n2, sum_gz2, grad_w3.view_as(w3), grad_g3,
                 grad_b3, grad_g4, grad_b4, None, None, None)
@@ -638,7 +721,7 @@ class RefinedAttention(nn.Module):
                     attn.add_(key_bias.masked_fill_(~valid, float('-inf'))[:, None, None, :])
                 attn = attn.softmax(dim=-1)
                 if prev is not None:
-                    attn = attn + self.scale * prev
+                    attn = torch.add(attn, prev, alpha=self.scale)
             if valid is not None:  # padding queries: rows of zeros (the maps are finite)
                 attn = attn * valid.to(attn.dtype)[:, None, :, None]
             passed = attn
@@ -710,7 +793,21 @@ class ConvPatchEmbed(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
+        if x.device.type == 'cpu' and not torch.jit.is_tracing():
+            return self._patchify(x)
         return self.proj(x)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.proj`` (kernel = stride) as one matrix product over the patches of the
+        channels-last (B, C, H, W) map: (B, embed, H/k, W/k), channels-last. On the CPU its
+        backward runs ~2x faster than the strided convolution's (oneDNN)."""
+        b, c, h, w = x.shape
+        k = self.proj.stride[0]
+        patches = x.permute(0, 2, 3, 1).reshape(b, h // k, k, w // k, k, c).transpose(2, 3)
+        patches = patches.reshape(b, (h // k) * (w // k), k * k * c)
+        weight = self.proj.weight.permute(0, 2, 3, 1).reshape(self.proj.out_channels, -1)
+        out = F.linear(patches, weight, self.proj.bias)
+        return out.view(b, h // k, w // k, -1).permute(0, 3, 1, 2)
 
 
 def _default_global_blocks(num_layers: int) -> Tuple[int, ...]:
@@ -990,7 +1087,12 @@ class RefinerViT(PyramidBackbone):
         feats = []
         for i in self._output_tokens:
             t = tokens[i][:, self.num_extra_tokens:]
-            feats.append(t.transpose(1, 2).reshape(t.shape[0], self.embed_dims, h, w))
+            if x.device.type == 'cpu':
+                # a channels-last view, no copy: the pyramid's transposed convs and norms run
+                # ~25 % faster on it (oneDNN), with the same numbers
+                feats.append(t.reshape(t.shape[0], h, w, self.embed_dims).permute(0, 3, 1, 2))
+            else:
+                feats.append(t.transpose(1, 2).reshape(t.shape[0], self.embed_dims, h, w))
         outs = []
         # the levels as constants of range() (dynamo may make the ints of out_indices symbolic)
         levels = [i for i in range(len(PYRAMID_STRIDES)) if contains(self.out_indices, i)]

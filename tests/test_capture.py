@@ -34,11 +34,16 @@ DYNAMIC_SIZES = {
     'MAFormer': ((2, 96, 128), (3, 128, 160), (2, 160, 160)),
     'RefinerViT': ((2, 80, 96), (3, 96, 104), (2, 128, 136)),
 }
+# torch 2.4's inductor emits C++ that does not compile for some fused LayerNorm reductions of
+# tiny maps (`weight_recps` declared twice), e.g. the tiny MAFormer and BOAT-Swin at 72x80; not
+# at this size, nor at the full widths' 224x224.
+INDUCTOR_SIZE = (64, 64)
 # What makes the host wait for the device (values read back, shapes that depend on data).
 HOST_SYNC_OPS = ('aten::_local_scalar_dense', 'aten::item', 'aten::is_nonzero', 'aten::nonzero',
                  'aten::masked_select', 'aten::equal', 'aten::_unique2', 'aten::unique_dim')
 # Relative tolerances: aot_eager runs the eager kernels; onnxruntime has its own.
 COMPILE_RTOL = 1e-5
+INDUCTOR_RTOL = 1e-4
 ONNX_RTOL = 1e-4
 
 
@@ -82,6 +87,19 @@ def test_compiled_eval_forward_equals_eager(name):
     x = torch.randn(2, 3, *OTHER_SIZES[0])
     with torch.no_grad():
         assert relative_error(compiled(model)(x), model(x)) <= COMPILE_RTOL
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_inductor_eval_forward_equals_eager(name):
+    """The default backend generates and runs code for every family (its C++ kernels on the
+    CPU), within 1e-4 of eager: what aot_eager does not check (torch 2.4's inductor failed on
+    the window masks' != between booleans)."""
+    model = build(name).eval()
+    x = torch.randn(2, 3, *INDUCTOR_SIZE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(x)
+        assert relative_error(out, model(x)) <= INDUCTOR_RTOL
 
 
 @pytest.mark.parametrize('name,options', [

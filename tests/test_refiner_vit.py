@@ -3,6 +3,7 @@
 import copy
 import math
 import os.path as osp
+from typing import Sequence
 
 import pytest
 import torch
@@ -499,13 +500,7 @@ def test_refine_float32_on_nearly_uniform_maps_matches_float64():
             (lambda m, a, x: _reference_refine(m, a, x, 0.125, None))
         out, attn_grad, params, _ = _refine_step(d, bn, attn.to(dtype), grad.to(dtype), step)
         results.append((out.double(), attn_grad.double(), [p.double() for p in params]))
-    (out, attn_grad, params), (ref_out, ref_attn_grad, ref_params) = results
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5 * ref_out.abs().max())
-    torch.testing.assert_close(attn_grad, ref_attn_grad, rtol=0,
-                               atol=1e-5 * ref_attn_grad.abs().max())
-    scale = max(p.abs().max() for p in ref_params)
-    for p, ref_p in zip(params, ref_params):
-        torch.testing.assert_close(p, ref_p, rtol=0, atol=1e-5 * scale)
+    _assert_refine_steps_close(*results, rel=1e-5)
 
 
 @pytest.mark.parametrize('expansion', [1, 2])
@@ -527,13 +522,18 @@ def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
         _refine_step(copy.deepcopy(dla), copy.deepcopy(adapt_bn), attn, grad, fn)
         for fn in (lambda d, a, x: d.refine(x, a, 0.125),
                    lambda d, a, x: _reference_refine(d, a, x, 0.125, None))]
-    (out, attn_grad, params, _), (ref_out, ref_attn_grad, ref_params, _) = results
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10 * ref_out.abs().max())
-    torch.testing.assert_close(attn_grad, ref_attn_grad, rtol=0,
-                               atol=1e-10 * ref_attn_grad.abs().max())
+    _assert_refine_steps_close(*results, rel=1e-10)
+
+
+def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
+    """Output, map gradient and parameter gradients of two :func:`_refine_step` results: each
+    within ``rel`` of the largest value of its reference (parameters: of all of them)."""
+    (out, attn_grad, params), (ref_out, ref_attn_grad, ref_params) = step[:3], ref[:3]
+    for value, ref_value in ((out, ref_out), (attn_grad, ref_attn_grad)):
+        torch.testing.assert_close(value, ref_value, rtol=0, atol=rel * ref_value.abs().max())
     scale = max(p.abs().max() for p in ref_params)
     for p, ref_p in zip(params, ref_params):
-        torch.testing.assert_close(p, ref_p, rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(p, ref_p, rtol=0, atol=rel * scale)
 
 
 def _assert_grads_close(grads: dict, ref_grads: dict, rel: float = 2e-5) -> None:

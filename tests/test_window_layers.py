@@ -9,6 +9,8 @@ from mmvit_plugins.models.layers import (
     attend_in_windows,
     pad_to_multiple,
     window_attention_mask,
+    window_count,
+    window_extent,
     window_padding_mask,
     window_partition,
     window_reverse,
@@ -30,6 +32,23 @@ def test_padding_mask_marks_exactly_the_padded_tokens():
 def test_partition_and_reverse_are_inverse():
     x = torch.randn(2, 8, 6, 5)
     assert torch.equal(window_reverse(window_partition(x, (4, 3)), (4, 3), 8, 6), x)
+
+
+def test_a_none_side_is_the_whole_extent():
+    """CSWin's stripes: ``(None, 3)`` pads and splits only the width; the same windows, masks
+    and padding as the window (H, 3) of the map's height."""
+    x = torch.randn(2, 5, 7, 4)
+    for window, same in (((None, 3), (5, 3)), ((2, None), (2, 7))):
+        padded = pad_to_multiple(x, window)
+        assert torch.equal(padded, pad_to_multiple(x, same))
+        assert window_extent(window, padded.shape[1:3]) == same
+        assert window_count(window, padded.shape[1:3]) == window_count(same, padded.shape[1:3])
+        windows = window_partition(padded, window)
+        assert torch.equal(windows, window_partition(padded, same))
+        assert torch.equal(window_reverse(windows, window, *padded.shape[1:3]), padded)
+        mask = window_padding_mask((5, 7), window, torch.device('cpu'))
+        assert torch.equal(mask, window_padding_mask((5, 7), same, torch.device('cpu')))
+    assert window_padding_mask((5, 6), (None, 3), torch.device('cpu')) is None
 
 
 def _window_inputs(images: int, masked: bool):

@@ -21,17 +21,19 @@ EXPORT_SIZE = (64, 96)
 # 56x104 are no multiples of the windows), non-square, and the same FSLA levels as EXPORT_SIZE.
 OTHER_SIZES = ((72, 80), (56, 104))
 # One graph serves each family's sizes (batch, H, W), compiled with dynamic=True (MAFormer) or
-# with batch, height and width marked dynamic (all): square and not, windows padded and not, two
-# batch sizes; BOAT: one FSLA level tuple; Refiner-ViT: token grids 5x6, 6x7, 8x9 (odd grids for
-# its stride-32 pooling, inputs that are no multiples of 16). Dynamo specialises sizes of 1, so
-# every windowed map spans two windows or more per side (or one in every size); maps are even
-# wherever timm's PatchMerging halves one (MAFormer, BOAT-Swin: its padding branches on parity);
-# the batches of window images stay below 16 (torch's CPU convolution picks its kernel by
-# whether a batch has 16 images: BOAT-CSWin's and Refiner-ViT's convolutions over windows).
+# with batch, height and width marked dynamic (all): square and not, two batch sizes, windows
+# padded and not (MAFormer at 224x224 unpadded in every stage; BOAT-Swin's sizes of one level
+# tuple are all padded); BOAT: one FSLA level tuple; Refiner-ViT: token grids 5x6, 6x7, 8x9
+# (odd grids for its stride-32 pooling, inputs that are no multiples of 16). Dynamo specialises
+# sizes of 1, so every windowed map spans two windows or more per side (or one in every size);
+# maps are even wherever timm's PatchMerging halves one (MAFormer, BOAT-Swin: its padding
+# branches on parity); the batches of window images stay below 16 (torch's CPU convolution
+# picks its kernel by whether a batch has 16 images: BOAT-CSWin's and Refiner-ViT's
+# convolutions over windows).
 DYNAMIC_SIZES = {
     'BOATSwin': ((2, 64, 64), (3, 64, 96), (2, 96, 64)),
     'BOATCSWin': ((2, 64, 64), (3, 56, 80), (2, 96, 64)),
-    'MAFormer': ((2, 96, 128), (3, 128, 160), (2, 160, 160)),
+    'MAFormer': ((2, 96, 128), (3, 128, 160), (2, 224, 224)),
     'RefinerViT': ((2, 80, 96), (3, 96, 104), (2, 128, 136)),
 }
 # torch 2.4's inductor emits C++ that does not compile for some fused LayerNorm reductions of

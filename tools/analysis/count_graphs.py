@@ -18,10 +18,10 @@ the default give equal input sizes one symbol ("duck shaping"): a graph compiled
 input guards on H == W, and the first non-square size compiles a second one; marked sizes get
 a symbol each. torch 2.4's ``dynamic=True`` also turns every int attribute of the modules
 (window and group sizes, heads, ...) into a graph input, which makes the shape reasoning of
-BOAT's graphs, and its compile time, many times larger; ``marked`` keeps them constants (as
-torch >= 2.5 does with ``dynamic=True``). For BOAT, the FSLA level counts
-of every size (``model.fsla_levels((H, W))``) are printed with it: dynamic shapes give at most
-one graph per distinct tuple of level counts.
+BOAT's graphs, and its compile time, many times larger; ``marked`` keeps them constants
+(later torch versions do so by default: ``allow_unspec_int_on_nn_module``). For BOAT, the FSLA
+level counts of every size (``model.fsla_levels((H, W))``) are printed with it: dynamic shapes
+give at most one graph per distinct tuple of level counts.
 """
 import argparse
 import json

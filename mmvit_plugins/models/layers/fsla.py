@@ -58,7 +58,6 @@ class GroupLayout(NamedTuple):
     num_groups: int                       # G
     slot_size: int                        # s = ceil(N / G) query slots per group
     num_slots: int                        # G * s
-    group_keys: int                       # s + o keys per group (o: overlap, at most s)
     key_slots: torch.Tensor               # (G * (s + o),) clustering slot of every key
     query_slots: torch.Tensor             # (s * G,) clustering slot of every query, slot-major
     key_padding: Optional[torch.Tensor]   # (G, 1, s + o) bool, True = padding; or None
@@ -170,8 +169,7 @@ def build_group_layout(num_tokens: Size, group_size: int, overlap: int,
     # queries in the (s, G) order of fused SDPA outputs' memory
     query_slots = (own_pos.t() + group.t() * group_slots).flatten()
     return GroupLayout(shape, num_tokens, first_slot, child_slots.int(), slot_meta, token,
-                       num_groups, slot_size, num_groups * slot_size, slot_size + overlap,
-                       key_slots.flatten(),
+                       num_groups, slot_size, num_groups * slot_size, key_slots.flatten(),
                        query_slots, None if unmasked else key_padding[:, None])
 
 
@@ -432,8 +430,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         qkv_rows, out_rows = _row_offsets(b, heads, n, qkv.device)
         key_token = order.index_select(1, layout.key_slots)
         index = torch.add(qkv_rows, key_token[..., None], alpha=3 * heads)
-        qkv_g = qkv.view(-1, d).index_select(0, index.view(-1))
-        qkv_g = qkv_g.view(rows, groups, layout.group_keys, 3, d)
+        qkv_g = qkv.view(-1, d).index_select(0, index.view(-1)).view(rows, groups, -1, 3, d)
         q_g, k_g, v_g = qkv_g[:, :, :slot_size, 0], qkv_g[..., 1, :], qkv_g[..., 2, :]
         mask = _key_mask(layout, self.group_size, self.overlap, qkv.dtype)
         if mask is not None:

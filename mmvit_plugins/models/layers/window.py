@@ -126,7 +126,7 @@ def window_attention_mask(hw: Tuple[Size, Size], window: Window, shift_size: int
     region = window_partition(region, window).squeeze(-1)
     mask = (region[:, None, :] != region[:, :, None]).float() * -100.
     is_padding = region < 0
-    # xor, not != : inductor (torch 2.4) fails on the value range of != between booleans
+    # an exclusive or of the flags: torch 2.4's inductor fails on comparing two bool tensors
     return mask.masked_fill(is_padding[:, None, :] ^ is_padding[:, :, None], float('-inf'))
 
 

@@ -525,6 +525,37 @@ def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
     _assert_refine_steps_close(*results, rel=1e-10)
 
 
+@pytest.mark.parametrize('grid', [(9, 11), (6, 6)])
+def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeypatch, grid):
+    """Windows of a padded grid (4x4 windows of a 9x11 grid: full, partial and corner windows;
+    of a 6x6 grid: half padding): the training Function computes the expanded maps only on the
+    rows and columns within the depthwise conv's reach of real tokens, grouped by window shape,
+    and the constant rest in closed form; outputs, map and parameter gradients and running
+    statistics equal the module formulation (float64, several chunks per piece)."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    from mmvit_plugins.models.layers import window_padding_mask
+    heads, window = 4, 4
+    padding = window_padding_mask(grid, window, torch.device('cpu')).repeat(2, 1)
+    valid = ~padding
+    mask = valid[:, None, :, None] & valid[:, None, None, :]
+    b, n = valid.shape
+    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
+    pieces, far = refiner_vit._map_pieces(mask, 1)
+    assert len(pieces) > 1 and far > 0 and not any(p.whole for p in pieces)
+    g = torch.Generator().manual_seed(11)
+    attn = (torch.rand(b, heads, n, n, generator=g, dtype=torch.float64) * 4).softmax(-1)
+    attn = attn * mask  # as the computing block passes it: zero at padding tokens
+    grad = torch.randn(b, heads, n, n, generator=g, dtype=torch.float64).masked_fill(~mask, 0.)
+    results = []
+    for fn in (lambda d, a, x: d.refine(x, a, 0.125, mask),
+               lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)):
+        dla, adapt_bn = _random_refiner(heads, 3, torch.float64)
+        results.append(_refine_step(dla.train(), adapt_bn.train(), attn, grad, fn))
+    _assert_refine_steps_close(*results, rel=1e-10)
+    for buf, ref_buf in zip(results[0][3], results[1][3]):
+        torch.testing.assert_close(buf, ref_buf, rtol=1e-10, atol=1e-10)
+
+
 def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
     """Output, map gradient and parameter gradients of two :func:`_refine_step` results: each
     within ``rel`` of the largest value of its reference (parameters: of all of them)."""

@@ -112,15 +112,18 @@ def _update_running_stats(bns: Sequence[nn.modules.batchnorm._BatchNorm],
         bn.running_var.lerp_(var, factor)
 
 
-def _chunk_rows(num_rows: int, map_elements: int, device: torch.device) -> Optional[int]:
-    """Query rows per chunk of a refiner pass over (B, H, L, L) maps; ``map_elements``: the
-    elements of one full row of the expanded maps (B * eH * L). None (one chunk) while a graph
-    is captured: a chunk count that follows the map size would freeze the size into the graph
-    (whose compiler fuses these steps anyway)."""
+def _chunk_elements(device: torch.device) -> Optional[int]:
+    """Elements of the expanded maps per chunk of the refiner's chunked passes on ``device``.
+    None (one chunk) while a graph is captured: a chunk count that follows the map size would
+    freeze the size into the graph (whose compiler fuses these steps anyway)."""
     if capturing():
         return None
-    limit = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_DEFAULT)
-    return max(limit // map_elements, 1)
+    return _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_DEFAULT)
+
+
+def _rows_per_chunk(chunk_elements: Optional[int], row_elements: int) -> Optional[int]:
+    """Rows per chunk when one row of the expanded maps has ``row_elements`` elements."""
+    return None if chunk_elements is None else max(chunk_elements // row_elements, 1)
 
 
 def _row_chunks(num_rows: Size, rows: Optional[int],
@@ -195,17 +198,98 @@ class _Workspace:
     (every request None: the ops allocate) for one whole-map chunk, e.g. while a graph is
     captured."""
 
-    def __init__(self, like: torch.Tensor, numel: int, enabled: bool):
-        self.like, self.numel, self.enabled = like, numel, enabled
+    def __init__(self, like: torch.Tensor, enabled: bool):
+        self.like, self.enabled = like, enabled
         self.buffers: Dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, *shape: int) -> Optional[torch.Tensor]:
-        """A contiguous ``shape`` view of buffer ``name`` (at most ``numel`` elements)."""
+        """A contiguous ``shape`` view of buffer ``name`` (grown when too small)."""
         if not self.enabled:
             return None
-        if name not in self.buffers:
-            self.buffers[name] = self.like.new_empty(self.numel)
-        return self.buffers[name][:math.prod(shape)].view(shape)
+        size = math.prod(shape)
+        if name not in self.buffers or self.buffers[name].numel() < size:
+            self.buffers[name] = self.like.new_empty(size)
+        return self.buffers[name][:size].view(shape)
+
+
+def _within_reach(valid: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, L) bool -> True at most ``pad`` places from a True."""
+    out = valid.clone()
+    for shift in range(1, pad + 1):
+        out[:, shift:] |= valid[:, :-shift]
+        out[:, :-shift] |= valid[:, shift:]
+    return out
+
+
+class _MapPiece:
+    """Some of the batch's maps (``windows``; None: all) restricted to the query rows ``rows``
+    and key columns ``cols`` (both or neither None: all): (B, C, L, L) tensors gathered to
+    (B', C, R, K)."""
+
+    def __init__(self, windows: Optional[torch.Tensor] = None,
+                 rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
+                 size: int = 0):
+        self.windows = windows
+        self.shape = None if rows is None else (len(rows), len(cols))
+        # the entries' indices in the flattened size x size maps
+        self.entries = None if rows is None else (rows[:, None] * size + cols).flatten()
+        self.whole = windows is None and rows is None
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.windows is not None:
+            t = t.index_select(0, self.windows)
+        if self.entries is not None:
+            t = t.flatten(2).index_select(2, self.entries).view(*t.shape[:2], *self.shape)
+        return t
+
+    def scatter_(self, full: torch.Tensor, values: torch.Tensor,
+                 accumulate: bool = False) -> torch.Tensor:
+        """``full`` at the piece's entries set to (``accumulate``: plus) ``values``."""
+        if self.entries is None:
+            fn = full.index_add_ if accumulate else full.index_copy_
+            return fn(0, self.windows, values)
+        flat, values = full.flatten(2), values.flatten(2)
+        windows = range(len(full)) if self.windows is None else self.windows.tolist()
+        for i, w in enumerate(windows):
+            fn = flat[w].index_add_ if accumulate else flat[w].index_copy_
+            fn(1, self.entries, values[i])
+        return full
+
+
+def _map_pieces(mask: Optional[torch.Tensor], pad: int) -> Tuple[List[_MapPiece], int]:
+    """The pieces of (B, H, L, L) maps that the refiner's expanded steps compute, and the
+    number of map entries (per head) outside them.
+
+    The expanded maps are zeroed where ``mask`` (B, 1, L, L) is False before the depthwise
+    conv (``pad`` rows and columns each side), so that they are the same per-channel constants
+    at every entry more than ``pad`` rows or columns away from the True entries (the padding of
+    partial windows): the maps are grouped by the rows and columns within that reach and
+    restricted to them. The gathered maps are adjacent where it matters: a row within reach
+    whose neighbour is out of reach has, in the gathered order, a neighbour without True
+    entries, zero as the conv's padding. One whole piece without a mask, or when the rest
+    would hold less than a tenth of the entries.
+    """
+    whole = [_MapPiece()], 0
+    if mask is None:
+        return whole
+    m = mask[:, 0]
+    b, n, _ = m.shape
+    reach = torch.cat([_within_reach(m.any(2), pad), _within_reach(m.any(1), pad)], dim=1)
+    keys, inverse, counts = torch.unique(reach, dim=0, return_inverse=True, return_counts=True)
+    entries = [int(c) * int(k[:n].sum()) * int(k[n:].sum()) for k, c in zip(keys, counts)]
+    if not 0 < sum(entries) <= 0.9 * b * n * n:
+        return whole
+    pieces = []
+    for i in sorted(range(len(keys)), key=entries.__getitem__, reverse=True):
+        if entries[i]:
+            windows = None if len(keys) == 1 else (inverse == i).nonzero().flatten()
+            rows, cols = keys[i, :n], keys[i, n:]
+            if rows.all() and cols.all():
+                pieces.append(_MapPiece(windows))
+            else:
+                pieces.append(_MapPiece(windows, rows.nonzero().flatten(),
+                                        cols.nonzero().flatten(), n))
+    return pieces, b * n * n - sum(entries)
 
 
 class _RefineWithBatchStats(torch.autograd.Function):
@@ -222,26 +306,30 @@ class _RefineWithBatchStats(torch.autograd.Function):
     chunk buffers: besides the output, one fresh map-sized tensor in the forward (``conv_pro``'s
     output) and two in the backward (the map gradient, bn3's input gradient).
 
+    The expanded steps run on the pieces of :func:`_map_pieces`; at the entries outside them
+    the expanded maps are constants (conv output 0), entered in the statistics and sums in
+    closed form: with padded windows about half of the work.
+
     Inputs: the map (B, H, L, L), the mask (B, 1, L, L) or None, the weights and BN affines
     (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale and
-    the rows per chunk. Outputs: the refined map, then each BN's batch mean and unbiased
-    variance (for the running statistics).
+    the expanded elements per chunk (None: one chunk). Outputs: the refined map, then each BN's
+    batch mean and unbiased variance (for the running statistics).
     """
 
     @staticmethod
     def _h1(a: torch.Tensor, center: torch.Tensor, keep: Optional[torch.Tensor],
             w1t: torch.Tensor, r0: int, r1: int, ws: _Workspace
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """relu6(bn1(conv_exp(a))) on query rows [r0, r1), times the float mask ``keep``
-        (B, 1, L, L): channels-last (B, R, L, eH), in buffer ``'h1'``; and ``a - center``
-        on these rows (B, H, R, L), ``center`` the heads' means (H, 1, 1).
+        """relu6(bn1(conv_exp(a))) on query rows [r0, r1) of a (B, H, R, K) map, times the
+        float mask ``keep`` (B, 1, R, K): channels-last (B, r1 - r0, K, eH), in buffer ``'h1'``;
+        and ``a - center`` on these rows, ``center`` the heads' means (H, 1, 1).
 
-        ``w1t`` (B, H + 1, eH): conv and BN folded for the centred map, bn1's shift as its last
+        ``w1t`` (H + 1, eH): conv and BN folded for the centred map, bn1's shift as its last
         row, which meets a row of ones appended to the centred map (the shift added by the
         matrix product, not by a pass over the expanded map). Centred: nearly uniform maps
         (at initialisation) make bn1's scale large, and ``s1 * (W1 a) + t1`` would then cancel
         in float32."""
-        b, h, n, _ = a.shape
+        b, h, _, n = a.shape
         e = w1t.shape[-1]
         if ws.enabled:
             aug = ws('augmented', b, h + 1, r1 - r0, n)
@@ -249,7 +337,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
             aug[:, h].fill_(1.)
         else:
             aug = torch.cat([a[:, :, r0:r1] - center, a.new_ones(b, 1, r1 - r0, n)], dim=1)
-        x = torch.bmm(aug.view(b, h + 1, -1).transpose(1, 2), w1t,
+        x = torch.bmm(aug.view(b, h + 1, -1).transpose(1, 2), w1t.expand(b, -1, -1),
                       out=ws('h1', b, (r1 - r0) * n, e))
         x = x.view(b, r1 - r0, n, e).clamp_(0., 6.)
         if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
@@ -257,31 +345,39 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return x, aug[:, :h]
 
     @staticmethod
-    def _chunks_and_halos(n: Size, rows: Optional[int], pad: int
-                          ) -> Tuple[List[Tuple[Size, Size]], List[Tuple[Size, Size]]]:
-        """The query-row chunks [r0, r1) of :func:`_row_chunks` and, per chunk, the rows
-        [i0, i1) that the depthwise conv (``pad`` rows each side) reads for it."""
-        spans = _row_chunks(n, rows, (pad, pad))
-        return [(r0, r1) for r0, r1, _, _ in spans], [(i0, i1) for _, _, i0, i1 in spans]
+    def _pieces(a: torch.Tensor, mask: Optional[torch.Tensor], pieces: List[_MapPiece], e: int,
+                pad: int, chunk_elements: Optional[int]
+                ) -> List[Tuple[_MapPiece, torch.Tensor, Optional[torch.Tensor], List[Tuple]]]:
+        """Per piece: the piece, its map (B', H, R, K), float mask, and chunks ``(r0, r1, i0,
+        i1)`` of its query rows with the rows [i0, i1) that the depthwise conv reads."""
+        keep = None if mask is None else mask.to(a.dtype)
+        out = []
+        for piece in pieces:
+            a_p = piece.gather(a)
+            b, _, r, k = a_p.shape
+            rows = _rows_per_chunk(chunk_elements, b * e * k)
+            out.append((piece, a_p, None if keep is None else piece.gather(keep),
+                        _row_chunks(r, rows, (pad, pad))))
+        return out
 
     @staticmethod
-    def _workspace(a: torch.Tensor, e: int, rows: Optional[int], pad: int) -> _Workspace:
-        """Chunk buffers for ``rows`` query rows and their halos of the expanded maps (or of
-        the H + 1 rows of :meth:`_h1`'s augmented map, if more: expansion 1)."""
-        b, h, n, _ = a.shape
-        span = min(n, (rows or n) + 2 * pad)
-        return _Workspace(a, b * span * n * max(e, h + 1), rows is not None)
+    def _map_chunks(a: torch.Tensor, e: int, chunk_elements: Optional[int]
+                    ) -> List[Tuple[Size, Size]]:
+        """Query-row chunks [r0, r1) of the map-sized steps on the whole (B, H, L, L) map."""
+        b, _, n, _ = a.shape
+        return [(r0, r1) for r0, r1, _, _ in
+                _row_chunks(n, _rows_per_chunk(chunk_elements, b * e * n), (0, 0))]
 
     @staticmethod
     def _folded_w1(mean_a: torch.Tensor, w1m: torch.Tensor, s1: torch.Tensor,
-                   b1: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   b1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The heads' means in the map's dtype (H, 1, 1) and ``conv_exp`` + bn1 folded for the
-        centred map (B, H + 1, eH) (see :meth:`_h1`): ``(W1 * s1)^T`` over bn1's shift for the
+        centred map (H + 1, eH) (see :meth:`_h1`): ``(W1 * s1)^T`` over bn1's shift for the
         centred map, ``b1 - s1 * W1 (mu - center)``."""
         center = mean_a.to(s1.dtype)
         shift = (w1m.to(mean_a.dtype) @ (mean_a - center.to(mean_a.dtype))).to(s1.dtype)
         w1t = torch.cat([(w1m * s1[:, None]).t(), (b1 - s1 * shift)[None]])
-        return center.view(-1, 1, 1), w1t.expand(b, -1, -1)
+        return center.view(-1, 1, 1), w1t
 
     @staticmethod
     def _head_moments(a: torch.Tensor, chunks: List[Tuple[int, int]], ws: _Workspace
@@ -306,16 +402,16 @@ class _RefineWithBatchStats(torch.autograd.Function):
                 g1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor,
                 b2: torch.Tensor, w3: torch.Tensor, g3: torch.Tensor, b3: torch.Tensor,
                 g4: torch.Tensor, b4: torch.Tensor, eps: Tuple[float, ...], scale: float,
-                rows: Optional[int]) -> Tuple[torch.Tensor, ...]:
+                chunk_elements: Optional[int]) -> Tuple[torch.Tensor, ...]:
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
         count = b * n * n
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        w3e = w3m.expand(b, h, e)
-        keep = None if mask is None else mask.to(a.dtype)
-        chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
-        ws = _RefineWithBatchStats._workspace(a, e, rows, pad)
+        pieces, far = _map_pieces(mask, pad) if chunk_elements else ([_MapPiece()], 0)
+        maps = _RefineWithBatchStats._pieces(a, mask, pieces, e, pad, chunk_elements)
+        chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
+        ws = _Workspace(a, chunk_elements is not None)
 
         def rsqrt(var: torch.Tensor, i: int) -> torch.Tensor:
             return torch.rsqrt(var + eps[i])
@@ -326,30 +422,47 @@ class _RefineWithBatchStats(torch.autograd.Function):
         mean1 = (w1acc @ mean_a).to(a.dtype)
         var1 = ((w1acc @ cov_a) * w1acc).sum(1).clamp_(min=0.).to(a.dtype)
         s1 = g1 * rsqrt(var1, 0)
-        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1, b)
-        y2, moments = [], []
-        for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            x = _RefineWithBatchStats._h1(a, center, keep, w1t, s0, s1_, ws)[0]
-            x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
-            x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B, R, L, eH)
-            moments.append(_channel_moments(x, ws('sq', *x.shape)))
-            y2.append(x)
+        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1)
+        zeros = a.new_zeros(e)
+        y2, moments = [], [(far, zeros, zeros)] if far else []
+        for _, a_p, keep_p, spans in maps:
+            y2.append([])
+            for r0, r1, s0, s1_ in spans:
+                x = _RefineWithBatchStats._h1(a_p, center, keep_p, w1t, s0, s1_, ws)[0]
+                x = F.conv2d(x.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
+                x = x[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)  # (B', R, K, eH)
+                moments.append(_channel_moments(x, ws('sq', *x.shape)))
+                y2[-1].append(x)
         _, mean2, var2 = _merge_moments(moments)
         mean2, var2 = mean2.to(a.dtype), var2.to(a.dtype)
         s2 = g2 * rsqrt(var2, 1)
-        t2, s2 = _tile(b2 - mean2 * s2, n), _tile(s2, n)
-        # conv_pro's output y3 and its statistics, chunk by chunk
-        y3 = a.new_empty(b, h, n, n) if len(chunks) > 1 else None
-        moments = []
-        for i, (r0, r1) in enumerate(chunks):
-            x, y2[i] = y2[i], None
-            x = torch.addcmul(t2, x, s2, out=ws('x2', *x.shape)).clamp_(0., 6.)
-            y = torch.bmm(w3e, x.view(b, -1, e).transpose(1, 2),
-                          out=None if y3 is None else y3[:, :, r0:r1].view(b, h, -1))
-            y = y.view(b, h, r1 - r0, n)
-            y3 = y if y3 is None else y3
-            moments.append(_moments(y, (0, 2, 3), ws('centred', *y.shape)))
-        del y2, x, y
+        t2 = b2 - mean2 * s2
+        # conv_pro's output y3 and its statistics, chunk by chunk; outside the pieces
+        # relu6(bn2(0)) projected
+        y3_far = w3m @ t2.clamp(0., 6.)
+        y3 = None
+        if len(maps) > 1 or not pieces[0].whole or len(maps[0][3]) > 1:
+            y3 = a.new_empty(b, h, n, n)
+            if far:
+                y3.copy_(y3_far.view(1, h, 1, 1).expand_as(y3))
+        moments = [(far, y3_far, torch.zeros_like(y3_far))] if far else []
+        for (piece, a_p, _, spans), y2_p in zip(maps, y2):
+            b_p, _, r, k = a_p.shape
+            t2_p, s2_p = _tile(t2, k), _tile(s2, k)
+            w3e = w3m.expand(b_p, h, e)
+            y3_p = y3 if piece.whole else a.new_empty(b_p, h, r, k)
+            for i, (r0, r1, _, _) in enumerate(spans):
+                x, y2_p[i] = y2_p[i], None
+                x = torch.addcmul(t2_p, x, s2_p, out=ws('x2', *x.shape)).clamp_(0., 6.)
+                y = torch.bmm(w3e, x.view(b_p, -1, e).transpose(1, 2),
+                              out=None if y3_p is None else y3_p[:, :, r0:r1].view(b_p, h, -1))
+                y = y.view(b_p, h, r1 - r0, k)
+                if y3_p is None:  # one whole chunk
+                    y3 = y3_p = y
+                moments.append(_moments(y, (0, 2, 3), ws('centred', *y.shape)))
+            if not piece.whole:
+                piece.scatter_(y3, y3_p)
+        del y2, x, y, y3_p
         _, mean3, var3 = _merge_moments(moments)
         mean3, var3 = mean3.to(a.dtype), var3.to(a.dtype)
         s3 = g3 * rsqrt(var3, 2)
@@ -370,7 +483,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
             out.masked_fill_(~mask, 0.)
         ctx.save_for_backward(a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean_a, cov_a,
                               mean1, var1, mean2, var2, mean3, var3, mean4, var4)
-        ctx.eps, ctx.scale, ctx.rows = eps, scale, rows
+        ctx.eps, ctx.scale, ctx.chunk_elements = eps, scale, chunk_elements
+        ctx.pieces, ctx.far = pieces, far
         unbiased = count / max(count - 1, 1)
         stats = [mean1, var1 * unbiased, mean2, var2 * unbiased, mean3, var3 * unbiased,
                  mean4, var4 * unbiased]
@@ -381,15 +495,16 @@ class _RefineWithBatchStats(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, *_) -> Tuple[Optional[torch.Tensor], ...]:
         (a, mask, y3, w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, mean_a, cov_a, mean1, var1, mean2,
          var2, mean3, var3, mean4, var4) = ctx.saved_tensors
-        eps, scale, rows = ctx.eps, ctx.scale, ctx.rows
+        eps, scale, chunk_elements, far = ctx.eps, ctx.scale, ctx.chunk_elements, ctx.far
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
         count = b * n * n
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        chunks, halo = _RefineWithBatchStats._chunks_and_halos(n, rows, pad)
-        ws = _RefineWithBatchStats._workspace(a, e, rows, pad)
+        maps = _RefineWithBatchStats._pieces(a, mask, ctx.pieces, e, pad, chunk_elements)
+        chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
+        ws = _Workspace(a, chunk_elements is not None)
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
                               enumerate((var1, var2, var3, var4)))
         s3 = g3 * r3_
@@ -425,69 +540,94 @@ class _RefineWithBatchStats(torch.autograd.Function):
         neg_k3, mean_g3, a3 = ((sum_gn3 / -count).view(h, 1, 1), (sum_g3 / count).view(h, 1, 1),
                                (g3 * r3_).view(h, 1, 1))
         grad_a = g  # adapt_bn's input gradient; the refiner's map gradient is added to it
-        gy3 = torch.empty_like(g)  # bn3's input gradient, written in pass 1
+        gy3 = torch.empty_like(g)  # bn3's input gradient
+        for r0, r1 in chunks:
+            torch.addcmul(grad_a[:, :, r0:r1], normed3(r0, r1), neg_k3,
+                          out=gy3[:, :, r0:r1]).sub_(mean_g3).mul_(a3)
         # the expanded maps recomputed with the forward's statistics
         s1 = g1 * r1_
-        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1, b)
-        w1f = w1t[:, :h]
-        w3t = w3m.expand(b, h, e)
-        mean2_t, r2_t, g2_t, b2_t = (_tile(v, n) for v in (mean2, r2_, g2, b2))
+        center, w1t = _RefineWithBatchStats._folded_w1(mean_a, w1m, s1, b1)
         # pass 1: bn2's backward needs sum(gz2) and sum(gz2 * n2) over the whole map first;
         # n2 (bn2's normalised input) is kept for pass 2
-        n2_rows = a.new_empty(b, n, n, e) if len(chunks) > 1 else None
+        n2_kept, gy3_kept = [], []
         grad_w3 = torch.zeros_like(w3m)
-        sum_gz2, sum_gz2n2 = 0., 0.
-        for (r0, r1), (s0, s1_) in zip(chunks, halo):
-            gy = torch.addcmul(grad_a[:, :, r0:r1], normed3(r0, r1), neg_k3,
-                               out=gy3[:, :, r0:r1]).sub_(mean_g3).mul_(a3).view(b, h, -1)
-            x1 = _RefineWithBatchStats._h1(a, center, keep, w1t, s0, s1_, ws)[0]
-            y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
-            y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
-            if n2_rows is None:
-                n2 = n2_rows = y2.sub_(mean2_t).mul_(r2_t)
-            else:
-                n2 = torch.sub(y2, mean2_t, out=n2_rows[:, r0:r1]).mul_(r2_t)
-            x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
-            grad_w3 += torch.bmm(gy, x2.view(b, -1, e)).sum(0)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3t, out=ws('gz2', b, (r1 - r0) * n, e))
-            gz2 = _hardtanh_backward_(gz2.view_as(x2), x2)
-            sum_gz2 = sum_gz2 + _channel_sums(gz2)
-            sum_gz2n2 = sum_gz2n2 + _channel_sums(gz2.mul_(n2))
-        del x1, y2, n2, x2, gz2, gy
+        sum_gz2, sum_gz2n2, sum_gy3 = 0., 0., 0.
+        for piece, a_p, keep_p, spans in maps:
+            b_p, _, r, k = a_p.shape
+            mean2_t, r2_t, g2_t, b2_t = (_tile(v, k) for v in (mean2, r2_, g2, b2))
+            w3t = w3m.expand(b_p, h, e)
+            gy3_p = piece.gather(gy3)
+            n2_p = a.new_empty(b_p, r, k, e) if len(spans) > 1 else None
+            for r0, r1, s0, s1_ in spans:
+                gy = gy3_p[:, :, r0:r1].reshape(b_p, h, -1)
+                x1 = _RefineWithBatchStats._h1(a_p, center, keep_p, w1t, s0, s1_, ws)[0]
+                y2 = F.conv2d(x1.permute(0, 3, 1, 2), w2, padding=pad, groups=e)
+                y2 = y2[:, :, r0 - s0:r1 - s0].permute(0, 2, 3, 1)
+                if n2_p is None:
+                    n2 = n2_p = y2.sub_(mean2_t).mul_(r2_t)
+                else:
+                    n2 = torch.sub(y2, mean2_t, out=n2_p[:, r0:r1]).mul_(r2_t)
+                x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
+                grad_w3 += torch.bmm(gy, x2.view(b_p, -1, e)).sum(0)
+                gz2 = torch.bmm(gy.transpose(1, 2), w3t, out=ws('gz2', b_p, (r1 - r0) * k, e))
+                gz2 = _hardtanh_backward_(gz2.view_as(x2), x2)
+                sum_gz2 = sum_gz2 + _channel_sums(gz2)
+                sum_gz2n2 = sum_gz2n2 + _channel_sums(gz2.mul_(n2))
+            if far:
+                sum_gy3 = sum_gy3 + gy3_p.sum(dim=(0, 2, 3))
+            n2_kept.append(n2_p)
+            gy3_kept.append(gy3_p)
+        if far:  # outside the pieces n2 and x2 are constants: sums of gy3 there suffice
+            n2_far = -mean2 * r2_
+            x2_far = (g2 * n2_far + b2).clamp(0., 6.)
+            gy3_far = gy3.sum(dim=(0, 2, 3)) - sum_gy3
+            grad_w3 += gy3_far[:, None] * x2_far
+            gz2_far = (w3m.t() @ gy3_far) * ((x2_far > 0.) & (x2_far < 6.))
+            sum_gz2 = sum_gz2 + gz2_far
+            sum_gz2n2 = sum_gz2n2 + gz2_far * n2_far
+        del x1, y2, n2, x2, gz2, gy, gy3
         # pass 2: bn2's and the depthwise conv's backward on rows [r0, r1), from gz2 on the
         # rows around them, with bn2's weight * rstd (a2) folded into conv_pro's weight;
         # bn1's backward: sum(gz1), the products of gz1 with the centred map (H x eH) and with
-        # W1 (the map gradient, up to an H x H correction made below)
+        # W1 (the map gradient, up to an H x H correction made below). Outside the pieces the
+        # expanded maps are zero before the depthwise conv: no gradient flows there
         a2 = g2 * r2_
-        w3a = (w3m * a2).expand(b, h, e)
-        neg_mean_gz2, neg_k2 = (_tile(v, n) for v in (a2 * sum_gz2 / -count,
-                                                       a2 * sum_gz2n2 / -count))
         w2_flipped = w2.flip(-1, -2)
         grad_w2 = torch.zeros_like(w2)
         sum_gz1, gz1_a = 0., 0.
-        for (r0, r1), (f0, f1) in zip(chunks, halo):
-            x1, centred = _RefineWithBatchStats._h1(a, center, keep, w1t, f0, f1, ws)
-            n2 = n2_rows[:, f0:f1]
-            x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
-            gy = gy3[:, :, f0:f1].reshape(b, h, -1)
-            gz2 = torch.bmm(gy.transpose(1, 2), w3a, out=ws('gz2', b, (f1 - f0) * n, e))
-            gy2 = _hardtanh_backward_(gz2.view_as(x2), x2).add_(neg_mean_gz2)
-            gy2 = gy2.addcmul_(n2, neg_k2).permute(0, 3, 1, 2)  # (B, eH, F, L) channels-last
-            gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
-            # depthwise weight gradient from the output rows r0:r1 and their input rows
-            x1_rows = x1.permute(0, 3, 1, 2)
-            if f0 != r0 - pad or f1 != r1 + pad:
-                x1_rows = F.pad(x1_rows, (0, 0, pad - (r0 - f0), pad - (f1 - r1)))
-            grad_w2 += torch.ops.aten.convolution_backward(
-                gy2[:, :, r0 - f0:r1 - f0], x1_rows, w2, None, [1, 1], [0, pad], [1, 1], False,
-                [0, 0], e, [False, True, False])[1]
-            gz1 = _hardtanh_backward_(gh1.permute(0, 2, 3, 1), x1[:, r0 - f0:r1 - f0])
-            sum_gz1 = sum_gz1 + _channel_sums(gz1)
-            gz1 = gz1.view(b, -1, e)
-            centred = centred[:, :, r0 - f0:r1 - f0].reshape(b, h, -1)
-            gz1_a = gz1_a + torch.bmm(centred, gz1).sum(0)
-            grad_a[:, :, r0:r1].view(b, h, -1).baddbmm_(w1f, gz1.transpose(1, 2))
-        del x1, n2, x2, gz2, gy, gy2, gh1, gz1, centred, n2_rows, gy3
+        for (piece, a_p, keep_p, spans), n2_p, gy3_p in zip(maps, n2_kept, gy3_kept):
+            b_p, _, r, k = a_p.shape
+            g2_t, b2_t = _tile(g2, k), _tile(b2, k)
+            neg_mean_gz2, neg_k2 = (_tile(v, k) for v in (a2 * sum_gz2 / -count,
+                                                           a2 * sum_gz2n2 / -count))
+            w3a = (w3m * a2).expand(b_p, h, e)
+            w1f = w1t[:h].expand(b_p, h, e)
+            grad_p = grad_a if piece.whole else a.new_zeros(b_p, h, r, k)
+            for r0, r1, f0, f1 in spans:
+                x1, centred = _RefineWithBatchStats._h1(a_p, center, keep_p, w1t, f0, f1, ws)
+                n2 = n2_p[:, f0:f1]
+                x2 = torch.addcmul(b2_t, n2, g2_t, out=ws('x2', *n2.shape)).clamp_(0., 6.)
+                gy = gy3_p[:, :, f0:f1].reshape(b_p, h, -1)
+                gz2 = torch.bmm(gy.transpose(1, 2), w3a, out=ws('gz2', b_p, (f1 - f0) * k, e))
+                gy2 = _hardtanh_backward_(gz2.view_as(x2), x2).add_(neg_mean_gz2)
+                gy2 = gy2.addcmul_(n2, neg_k2).permute(0, 3, 1, 2)  # (B', eH, F, K)
+                gh1 = F.conv2d(gy2, w2_flipped, padding=pad, groups=e)[:, :, r0 - f0:r1 - f0]
+                # depthwise weight gradient from the output rows r0:r1 and their input rows
+                x1_rows = x1.permute(0, 3, 1, 2)
+                if f0 != r0 - pad or f1 != r1 + pad:
+                    x1_rows = F.pad(x1_rows, (0, 0, pad - (r0 - f0), pad - (f1 - r1)))
+                grad_w2 += torch.ops.aten.convolution_backward(
+                    gy2[:, :, r0 - f0:r1 - f0], x1_rows, w2, None, [1, 1], [0, pad], [1, 1],
+                    False, [0, 0], e, [False, True, False])[1]
+                gz1 = _hardtanh_backward_(gh1.permute(0, 2, 3, 1), x1[:, r0 - f0:r1 - f0])
+                sum_gz1 = sum_gz1 + _channel_sums(gz1)
+                gz1 = gz1.view(b_p, -1, e)
+                centred = centred[:, :, r0 - f0:r1 - f0].reshape(b_p, h, -1)
+                gz1_a = gz1_a + torch.bmm(centred, gz1).sum(0)
+                grad_p[:, :, r0:r1].view(b_p, h, -1).baddbmm_(w1f, gz1.transpose(1, 2))
+            if not piece.whole:
+                piece.scatter_(grad_a, grad_p, accumulate=True)
+        del x1, n2, x2, gz2, gy, gy2, gh1, gz1, centred, n2_kept, gy3_kept, grad_p
         # bn1: gy1 = s1 (gz1 - mean(gz1)) - s1 r1 mean(gz1 n1) (W1 (a - mu)), n1 its normalised
         # input r1 W1 (a - mu); its sums follow from gz1_a = sum (a - mu) gz1^T (H, eH)
         acc = mean_a.dtype
@@ -557,19 +697,20 @@ class DistributedLocalAttention(nn.Module):
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
         b, _, n, _ = attn.shape
-        rows = _chunk_rows(n, b * self.conv_exp.out_channels * n, attn.device)
+        chunk_elements = _chunk_elements(attn.device)
         if len(train_norms) == len(norms) and self.depth_sep_conv.kernel_size[0] % 2 and all(
                 type(bn) is nn.BatchNorm2d and bn.affine for bn in norms):
             out, *stats = _RefineWithBatchStats.apply(
                 attn, mask, self.conv_exp.weight, self.bn1.weight, self.bn1.bias,
                 self.depth_sep_conv.weight, self.bn2.weight, self.bn2.bias, self.conv_pro.weight,
                 self.bn3.weight, self.bn3.bias, out_norm.weight, out_norm.bias,
-                tuple(bn.eps for bn in norms), scale, rows)
+                tuple(bn.eps for bn in norms), scale, chunk_elements)
             _update_running_stats(norms, [
                 stat for i, bn in enumerate(norms) if bn.track_running_stats
                 for stat in stats[2 * i:2 * i + 2]])
             return out
         if not train_norms:
+            rows = _rows_per_chunk(chunk_elements, b * self.conv_exp.out_channels * n)
             fn = partial(self._refine_folded, out_norm=out_norm, scale=scale, rows=rows)
         elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
             fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)

@@ -525,13 +525,16 @@ def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
     _assert_refine_steps_close(*results, rel=1e-10)
 
 
-@pytest.mark.parametrize('grid', [(9, 11), (6, 6)])
-def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeypatch, grid):
+@pytest.mark.parametrize('grid,mode,kernel', [((9, 11), 'train', 3), ((6, 6), 'train', 3),
+                                               ((9, 11), 'eval', 3), ((9, 11), 'eval', 2)])
+def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeypatch, grid,
+                                                                          mode, kernel):
     """Windows of a padded grid (4x4 windows of a 9x11 grid: full, partial and corner windows;
-    of a 6x6 grid: half padding): the training Function computes the expanded maps only on the
-    rows and columns within the depthwise conv's reach of real tokens, grouped by window shape,
-    and the constant rest in closed form; outputs, map and parameter gradients and running
-    statistics equal the module formulation (float64, several chunks per piece)."""
+    of a 6x6 grid: half padding): the refiner computes the expanded maps only on the rows and
+    columns within the depthwise conv's reach of real tokens, grouped by window shape (in
+    training the constant rest enters the statistics in closed form; in eval the output is
+    zero there); outputs, map and parameter gradients and running statistics equal the module
+    formulation (float64, several chunks per piece)."""
     from mmvit_plugins.models.backbones import refiner_vit
     from mmvit_plugins.models.layers import window_padding_mask
     heads, window = 4, 4
@@ -549,8 +552,9 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
     results = []
     for fn in (lambda d, a, x: d.refine(x, a, 0.125, mask),
                lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)):
-        dla, adapt_bn = _random_refiner(heads, 3, torch.float64)
-        results.append(_refine_step(dla.train(), adapt_bn.train(), attn, grad, fn))
+        dla, adapt_bn = _random_refiner(heads, kernel, torch.float64)
+        train = mode == 'train'
+        results.append(_refine_step(dla.train(train), adapt_bn.train(train), attn, grad, fn))
     _assert_refine_steps_close(*results, rel=1e-10)
     for buf, ref_buf in zip(results[0][3], results[1][3]):
         torch.testing.assert_close(buf, ref_buf, rtol=1e-10, atol=1e-10)

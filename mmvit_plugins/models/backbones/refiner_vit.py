@@ -696,7 +696,6 @@ class DistributedLocalAttention(nn.Module):
         """
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
-        b, _, n, _ = attn.shape
         chunk_elements = _chunk_elements(attn.device)
         if len(train_norms) == len(norms) and self.depth_sep_conv.kernel_size[0] % 2 and all(
                 type(bn) is nn.BatchNorm2d and bn.affine for bn in norms):
@@ -710,8 +709,8 @@ class DistributedLocalAttention(nn.Module):
                 for stat in stats[2 * i:2 * i + 2]])
             return out
         if not train_norms:
-            rows = _rows_per_chunk(chunk_elements, b * self.conv_exp.out_channels * n)
-            fn = partial(self._refine_folded, out_norm=out_norm, scale=scale, rows=rows)
+            fn = partial(self._refine_folded, out_norm=out_norm, scale=scale,
+                         chunk_elements=chunk_elements)
         elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
             fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
         else:  # e.g. SyncBatchNorm in training: its own forward gathers the statistics
@@ -751,41 +750,54 @@ class DistributedLocalAttention(nn.Module):
 
     def _refine_folded(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
                        out_norm: nn.modules.batchnorm._BatchNorm, scale: float,
-                       rows: Optional[int]) -> List[torch.Tensor]:
+                       chunk_elements: Optional[int]) -> List[torch.Tensor]:
         """:meth:`refine` with every BatchNorm on running statistics, folded into the convs:
         ``relu6(W1 a + b1)``, ``relu6(dw(.) + b2)``, ``W3 (.) + k a + b3``, in chunks of query
-        rows (with the depthwise conv's halo) so that the expanded maps never exist whole."""
-        b, h, n, _ = attn.shape
+        rows (with the depthwise conv's halo) so that the expanded maps never exist whole; on
+        the pieces of :func:`_map_pieces` (the output is masked to zero outside them)."""
+        h = attn.shape[1]
         e = self.conv_exp.out_channels
         s1, t1 = _bn_scale_shift(self.bn1)
         s2, t2 = _bn_scale_shift(self.bn2)
         s3, t3 = _bn_scale_shift(self.bn3)
         s4, t4 = _bn_scale_shift(out_norm)
-        w1 = (self.conv_exp.weight.view(e, h) * s1[:, None]).t().expand(b, h, e)
+        w1 = (self.conv_exp.weight.view(e, h) * s1[:, None]).t()
         w2 = self.depth_sep_conv.weight * s2.view(e, 1, 1, 1)
         k = s4 * scale  # out_norm(bn3(y) + a) * scale = k * s3 * y + k * a + bias
-        w3 = (self.conv_pro.weight.view(h, e) * (k * s3)[:, None]).expand(b, h, e)
+        w3 = self.conv_pro.weight.view(h, e) * (k * s3)[:, None]
         b3 = (k * t3 + t4 * scale).view(h, 1)
         k = k.view(h, 1)
         kernel = self.depth_sep_conv.kernel_size[0]
         top, bottom = (kernel - 1) // 2, kernel // 2
+        pieces = _map_pieces(mask, bottom)[0] if chunk_elements else [_MapPiece()]
         keep = None if mask is None else mask.to(attn.dtype)
-        chunks = []
-        for r0, r1, i0, i1 in _row_chunks(n, rows, (top, bottom)):
-            # i0:i1 the rows that the depthwise conv reads
-            x = torch.baddbmm(t1, attn[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2), w1)
-            # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often are)
-            x = F.hardtanh(x, 0., 6., inplace=True).view(b, i1 - i0, n, e)
-            if keep is not None:  # a float mask: broadcasting masked_fill_ is slow on the CPU
-                x.mul_(keep[:, 0, i0:i1, :, None])
-            x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
-            x = F.hardtanh(x[:, :, r0 - i0:r1 - i0], 0., 6., inplace=True)
-            out = torch.addcmul(b3, attn[:, :, r0:r1].reshape(b, h, -1), k)
-            out = out.baddbmm_(w3, x.reshape(b, e, -1))
-            if keep is not None:
-                out.mul_(keep[:, :, r0:r1].reshape(b, 1, -1))
-            chunks.append(out.view(b, h, r1 - r0, n))
-        return [torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]]
+        out = None if pieces[0].whole else attn.new_zeros(attn.shape)
+        for piece in pieces:
+            a, keep_p = piece.gather(attn), None if keep is None else piece.gather(keep)
+            b, _, r, n = a.shape
+            chunks = []
+            for r0, r1, i0, i1 in _row_chunks(r, _rows_per_chunk(chunk_elements, b * e * n),
+                                              (top, bottom)):
+                # i0:i1 the rows that the depthwise conv reads
+                x = torch.baddbmm(t1, a[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2),
+                                  w1.expand(b, h, e))
+                # hardtanh, not clamp: ReLU6's gradient (zero at the bounds, where maps often
+                # are)
+                x = F.hardtanh(x, 0., 6., inplace=True).view(b, i1 - i0, n, e)
+                if keep_p is not None:  # a float mask: broadcasting masked_fill_ is slow
+                    x.mul_(keep_p[:, 0, i0:i1, :, None])
+                x = F.conv2d(x.permute(0, 3, 1, 2), w2, t2, padding='same', groups=e)
+                x = F.hardtanh(x[:, :, r0 - i0:r1 - i0], 0., 6., inplace=True)
+                y = torch.addcmul(b3, a[:, :, r0:r1].reshape(b, h, -1), k)
+                y = y.baddbmm_(w3.expand(b, h, e), x.reshape(b, e, -1))
+                if keep_p is not None:
+                    y.mul_(keep_p[:, :, r0:r1].reshape(b, 1, -1))
+                chunks.append(y.view(b, h, r1 - r0, n))
+            y = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
+            if out is None:
+                return [y]
+            piece.scatter_(out, y)
+        return [out]
 
 
 class RefinedAttention(nn.Module):

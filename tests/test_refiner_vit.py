@@ -543,14 +543,14 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
     mask = valid[:, None, :, None] & valid[:, None, None, :]
     b, n = valid.shape
     monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
-    pieces, far = refiner_vit._map_pieces(mask, 1)
+    pieces, far = refiner_vit._padded_window_layout(grid, window, b, kernel // 2, mask.device)
     assert len(pieces) > 1 and far > 0 and not any(p.whole for p in pieces)
     g = torch.Generator().manual_seed(11)
     attn = (torch.rand(b, heads, n, n, generator=g, dtype=torch.float64) * 4).softmax(-1)
     attn = attn * mask  # as the computing block passes it: zero at padding tokens
     grad = torch.randn(b, heads, n, n, generator=g, dtype=torch.float64).masked_fill(~mask, 0.)
     results = []
-    for fn in (lambda d, a, x: d.refine(x, a, 0.125, mask),
+    for fn in (lambda d, a, x: d.refine(x, a, 0.125, mask, (grid, window)),
                lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)):
         dla, adapt_bn = _random_refiner(heads, kernel, torch.float64)
         train = mode == 'train'
@@ -601,8 +601,8 @@ def test_backbone_equals_the_module_by_module_refiner(monkeypatch, mode):
         model.train(mode != 'eval')
         with monkeypatch.context() as patch:
             if reference:
-                patch.setattr(DistributedLocalAttention, 'refine',
-                              lambda self, a, bn, s, m=None: _reference_refine(self, bn, a, s, m))
+                patch.setattr(DistributedLocalAttention, 'refine', lambda self, a, bn, s, m=None,
+                              windows=None: _reference_refine(self, bn, a, s, m))
             outs = model(img)
             sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
                 for o in outs).backward()

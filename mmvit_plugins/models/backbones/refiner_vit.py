@@ -33,7 +33,7 @@ from mmvit_plugins.models.layers import (
     window_partition,
     window_reverse,
 )
-from mmvit_plugins.models.layers.capture import Size
+from mmvit_plugins.models.layers.capture import Size, size_cache
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 
 from .base import (
@@ -212,15 +212,6 @@ class _Workspace:
         return self.buffers[name][:size].view(shape)
 
 
-def _within_reach(valid: torch.Tensor, pad: int) -> torch.Tensor:
-    """(B, L) bool -> True at most ``pad`` places from a True."""
-    out = valid.clone()
-    for shift in range(1, pad + 1):
-        out[:, shift:] |= valid[:, :-shift]
-        out[:, :-shift] |= valid[:, shift:]
-    return out
-
-
 class _MapPiece:
     """Some of the batch's maps (``windows``; None: all) restricted to the query rows ``rows``
     and key columns ``cols`` (both or neither None: all): (B, C, L, L) tensors gathered to
@@ -256,40 +247,55 @@ class _MapPiece:
         return full
 
 
-def _map_pieces(mask: Optional[torch.Tensor], pad: int) -> Tuple[List[_MapPiece], int]:
-    """The pieces of (B, H, L, L) maps that the refiner's expanded steps compute, and the
-    number of map entries (per head) outside them.
+# Pieces of the maps and the number of map entries (per head) outside them.
+MapLayout = Tuple[Tuple[_MapPiece, ...], int]
+_WHOLE_MAPS: MapLayout = ((_MapPiece(),), 0)
 
-    The expanded maps are zeroed where ``mask`` (B, 1, L, L) is False before the depthwise
-    conv (``pad`` rows and columns each side), so that they are the same per-channel constants
-    at every entry more than ``pad`` rows or columns away from the True entries (the padding of
-    partial windows): the maps are grouped by the rows and columns within that reach and
-    restricted to them. The gathered maps are adjacent where it matters: a row within reach
-    whose neighbour is out of reach has, in the gathered order, a neighbour without True
-    entries, zero as the conv's padding. One whole piece without a mask, or when the rest
-    would hold less than a tenth of the entries.
+
+@size_cache(maxsize=32)
+def _padded_window_layout(hw: Tuple[int, int], window: int, num_maps: int, pad: int,
+                          device: torch.device) -> MapLayout:
+    """The pieces of ``num_maps`` (B * windows, H, L, L) attention maps of the windows of B
+    (h, w) token grids padded to whole ``window`` x ``window`` windows (``window_partition``'s
+    order, masked by ``window_padding_mask``) that the refiner's expanded steps compute.
+
+    The expanded maps are zeroed at padding queries and keys before the depthwise conv (``pad``
+    rows and columns each side), so that they are the same per-channel constants at every entry
+    more than ``pad`` rows or columns away from a real query and key: the windows are grouped by
+    their real extent and restricted to the tokens within that reach of real ones. The gathered
+    maps stay adjacent where it matters: a token within reach whose neighbour is not has, in the
+    gathered order, a padding neighbour, zero like the conv's own padding. The whole maps when
+    nothing would be spared but a tenth of the entries. From sizes only: no tensor is read.
     """
-    whole = [_MapPiece()], 0
-    if mask is None:
-        return whole
-    m = mask[:, 0]
-    b, n, _ = m.shape
-    reach = torch.cat([_within_reach(m.any(2), pad), _within_reach(m.any(1), pad)], dim=1)
-    keys, inverse, counts = torch.unique(reach, dim=0, return_inverse=True, return_counts=True)
-    entries = [int(c) * int(k[:n].sum()) * int(k[n:].sum()) for k, c in zip(keys, counts)]
-    if not 0 < sum(entries) <= 0.9 * b * n * n:
-        return whole
+    h, w = hw
+    size = window * window
+    extents = [(min(window, h - y), min(window, w - x))
+               for y in range(0, h, window) for x in range(0, w, window)]
+    batch = num_maps // len(extents)
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, extent in enumerate(extents):
+        groups.setdefault(extent, []).append(i)
+    total = batch * len(extents) * size * size
+    reaches = {}
+    for rows, cols in groups:
+        real = {r * window + c for r in range(rows) for c in range(cols)}
+        reaches[rows, cols] = sorted({t + d for t in real for d in range(-pad, pad + 1)
+                                      if 0 <= t + d < size})
+    entries = {extent: batch * len(groups[extent]) * len(reach) ** 2
+               for extent, reach in reaches.items()}
+    if sum(entries.values()) > 0.9 * total:
+        return _WHOLE_MAPS
     pieces = []
-    for i in sorted(range(len(keys)), key=entries.__getitem__, reverse=True):
-        if entries[i]:
-            windows = None if len(keys) == 1 else (inverse == i).nonzero().flatten()
-            rows, cols = keys[i, :n], keys[i, n:]
-            if rows.all() and cols.all():
-                pieces.append(_MapPiece(windows))
-            else:
-                pieces.append(_MapPiece(windows, rows.nonzero().flatten(),
-                                        cols.nonzero().flatten(), n))
-    return pieces, b * n * n - sum(entries)
+    for extent in sorted(groups, key=entries.__getitem__, reverse=True):
+        windows = None if len(groups) == 1 else torch.tensor(
+            [b * len(extents) + i for b in range(batch) for i in groups[extent]], device=device)
+        reach = reaches[extent]
+        if len(reach) == size:
+            pieces.append(_MapPiece(windows))
+        else:
+            index = torch.tensor(reach, device=device)
+            pieces.append(_MapPiece(windows, index, index, size))
+    return tuple(pieces), total - sum(entries.values())
 
 
 class _RefineWithBatchStats(torch.autograd.Function):
@@ -306,14 +312,14 @@ class _RefineWithBatchStats(torch.autograd.Function):
     chunk buffers: besides the output, one fresh map-sized tensor in the forward (``conv_pro``'s
     output) and two in the backward (the map gradient, bn3's input gradient).
 
-    The expanded steps run on the pieces of :func:`_map_pieces`; at the entries outside them
+    The expanded steps run on the pieces of a :data:`MapLayout`; at the entries outside them
     the expanded maps are constants (conv output 0), entered in the statistics and sums in
     closed form: with padded windows about half of the work.
 
     Inputs: the map (B, H, L, L), the mask (B, 1, L, L) or None, the weights and BN affines
-    (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale and
-    the expanded elements per chunk (None: one chunk). Outputs: the refined map, then each BN's
-    batch mean and unbiased variance (for the running statistics).
+    (``w1, g1, b1, w2, g2, b2, w3, g3, b3, g4, b4``), the four BN eps, the output scale, the
+    expanded elements per chunk (None: one chunk) and the layout. Outputs: the refined map,
+    then each BN's batch mean and unbiased variance (for the running statistics).
     """
 
     @staticmethod
@@ -402,13 +408,13 @@ class _RefineWithBatchStats(torch.autograd.Function):
                 g1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor,
                 b2: torch.Tensor, w3: torch.Tensor, g3: torch.Tensor, b3: torch.Tensor,
                 g4: torch.Tensor, b4: torch.Tensor, eps: Tuple[float, ...], scale: float,
-                chunk_elements: Optional[int]) -> Tuple[torch.Tensor, ...]:
+                chunk_elements: Optional[int], layout: MapLayout) -> Tuple[torch.Tensor, ...]:
         b, h, n, _ = a.shape
         e = w1.shape[0]
         pad = w2.shape[-1] // 2
         count = b * n * n
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        pieces, far = _map_pieces(mask, pad) if chunk_elements else ([_MapPiece()], 0)
+        pieces, far = layout
         maps = _RefineWithBatchStats._pieces(a, mask, pieces, e, pad, chunk_elements)
         chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
         ws = _Workspace(a, chunk_elements is not None)
@@ -648,7 +654,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
                                                        ).add_(bias)
         return (grad_a, None, grad_w1.to(a.dtype).view_as(w1), sum_gz1n1.to(a.dtype),
                 sum_gz1.to(a.dtype), grad_w2, sum_gz2n2, sum_gz2, grad_w3.view_as(w3), grad_g3,
-                grad_b3, grad_g4, grad_b4, None, None, None)
+                grad_b3, grad_g4, grad_b4, None, None, None, None)
 
 
 class DistributedLocalAttention(nn.Module):
@@ -687,8 +693,14 @@ class DistributedLocalAttention(nn.Module):
         return self.bn3(self.conv_pro(x)).add_(attn)
 
     def refine(self, attn: torch.Tensor, out_norm: nn.modules.batchnorm._BatchNorm,
-               scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+               scale: float, mask: Optional[torch.Tensor] = None,
+               windows: Optional[Tuple[Tuple[int, int], int]] = None) -> torch.Tensor:
         """``out_norm(self(attn, mask)) * scale``, zeroed where ``mask`` is False: (B, H, L, L).
+
+        ``windows``: ``((h, w), window)`` when ``attn`` holds the maps of ``window_partition``'s
+        windows of (h, w) token grids padded to whole windows and ``mask`` is their padding
+        (``window_padding_mask``, as query and key pairs): the chunked paths then skip the
+        padding's constant entries (see :func:`_padded_window_layout`).
 
         Under autograd the backward recomputes the expanded maps: besides ``attn`` (kept by the
         computing block anyway) at most one (B, H, L, L) map is kept, instead of ~15 map-sized
@@ -697,20 +709,24 @@ class DistributedLocalAttention(nn.Module):
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
         chunk_elements = _chunk_elements(attn.device)
+        layout = _WHOLE_MAPS
+        if chunk_elements and windows is not None and mask is not None:
+            layout = _padded_window_layout(*windows, len(attn),
+                                           self.depth_sep_conv.kernel_size[0] // 2, attn.device)
         if len(train_norms) == len(norms) and self.depth_sep_conv.kernel_size[0] % 2 and all(
                 type(bn) is nn.BatchNorm2d and bn.affine for bn in norms):
             out, *stats = _RefineWithBatchStats.apply(
                 attn, mask, self.conv_exp.weight, self.bn1.weight, self.bn1.bias,
                 self.depth_sep_conv.weight, self.bn2.weight, self.bn2.bias, self.conv_pro.weight,
                 self.bn3.weight, self.bn3.bias, out_norm.weight, out_norm.bias,
-                tuple(bn.eps for bn in norms), scale, chunk_elements)
+                tuple(bn.eps for bn in norms), scale, chunk_elements, layout)
             _update_running_stats(norms, [
                 stat for i, bn in enumerate(norms) if bn.track_running_stats
                 for stat in stats[2 * i:2 * i + 2]])
             return out
         if not train_norms:
             fn = partial(self._refine_folded, out_norm=out_norm, scale=scale,
-                         chunk_elements=chunk_elements)
+                         chunk_elements=chunk_elements, layout=layout)
         elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
             fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
         else:  # e.g. SyncBatchNorm in training: its own forward gathers the statistics
@@ -750,11 +766,11 @@ class DistributedLocalAttention(nn.Module):
 
     def _refine_folded(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
                        out_norm: nn.modules.batchnorm._BatchNorm, scale: float,
-                       chunk_elements: Optional[int]) -> List[torch.Tensor]:
+                       chunk_elements: Optional[int], layout: MapLayout) -> List[torch.Tensor]:
         """:meth:`refine` with every BatchNorm on running statistics, folded into the convs:
         ``relu6(W1 a + b1)``, ``relu6(dw(.) + b2)``, ``W3 (.) + k a + b3``, in chunks of query
         rows (with the depthwise conv's halo) so that the expanded maps never exist whole; on
-        the pieces of :func:`_map_pieces` (the output is masked to zero outside them)."""
+        the pieces of ``layout`` (the output is masked to zero outside them)."""
         h = attn.shape[1]
         e = self.conv_exp.out_channels
         s1, t1 = _bn_scale_shift(self.bn1)
@@ -769,7 +785,7 @@ class DistributedLocalAttention(nn.Module):
         k = k.view(h, 1)
         kernel = self.depth_sep_conv.kernel_size[0]
         top, bottom = (kernel - 1) // 2, kernel // 2
-        pieces = _map_pieces(mask, bottom)[0] if chunk_elements else [_MapPiece()]
+        pieces = layout[0]
         keep = None if mask is None else mask.to(attn.dtype)
         out = None if pieces[0].whole else attn.new_zeros(attn.shape)
         for piece in pieces:
@@ -839,14 +855,17 @@ class RefinedAttention(nn.Module):
         hp, wp = x.shape[1:3]
         padding = window_padding_mask(hw, self.window_size, x.device)
         valid = None if padding is None else (~padding).repeat(b, 1)
-        out, attn = self._attend(window_partition(x, self.window_size), prev, valid)
+        out, attn = self._attend(window_partition(x, self.window_size), prev, valid,
+                                 (hw, self.window_size))
         out = crop_end(window_reverse(out, self.window_size, hp, wp), ((1, h), (2, w)))
         out = out.reshape(b, n, c)
         return self.proj(out), attn
 
     def _attend(self, x: torch.Tensor, prev: Optional[torch.Tensor],
-                valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B', L, C) tokens, optional (B', L) real-token mask -> (B', L, C), the map passed on.
+                valid: Optional[torch.Tensor], windows: Optional[Tuple[Tuple[int, int], int]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B', L, C) tokens, optional (B', L) real-token mask -> (B', L, C), the map passed on;
+        ``windows``: the token grid and window side of windowed tokens (see ``refine``).
 
         Under autocast the maps (logits, softmax, refiner convs and BNs) stay in float32: the
         BNs normalise maps of nearly uniform probabilities, which would magnify 16-bit rounding
@@ -859,7 +878,8 @@ class RefinedAttention(nn.Module):
         if self.share:
             v = self.v(x).view(b, n, self.num_heads, -1).transpose(1, 2)
             with torch.autocast(x.device.type, enabled=False):
-                attn = self.dla.refine(prev.to(map_dtype), self.adapt_bn, self.scale, pairs)
+                attn = self.dla.refine(prev.to(map_dtype), self.adapt_bn, self.scale, pairs,
+                                       windows)
             passed = prev
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)

@@ -530,9 +530,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
 
         # adapt_bn's and bn3's backward (BN backward: g - mean(g) - normed * mean(g * normed),
         # times weight * rstd), chunk by chunk on the recomputed normalised inputs
-        g = grad.mul(scale).contiguous()
-        if keep is not None:
-            g.mul_(keep)
+        g = (grad.mul(scale) if keep is None else grad * keep.mul(scale)).contiguous()
         sum_g4, sum_gn4 = g.sum(dim=(0, 2, 3)), 0.
         for r0, r1 in chunks:
             sum_gn4 = sum_gn4 + normed4(r0, r1).mul_(g[:, :, r0:r1]).sum(dim=(0, 2, 3))

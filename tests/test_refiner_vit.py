@@ -442,6 +442,7 @@ def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, ke
     from mmvit_plugins.models.backbones import refiner_vit
     b, heads, n = 2, 4, 11
     monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
+    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
     g = torch.Generator().manual_seed(3)
     attn = torch.rand(b, heads, n, n, generator=g, dtype=dtype).softmax(-1) * 4
     grad = torch.randn(b, heads, n, n, generator=g, dtype=dtype)
@@ -512,6 +513,7 @@ def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
     from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
     b, heads, n = 2, 4, 11
     monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * expansion * heads * n)
+    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
     torch.manual_seed(0)
     dla = DistributedLocalAttention(heads, expansion).double()
     adapt_bn = torch.nn.BatchNorm2d(heads).double()
@@ -543,6 +545,7 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
     mask = valid[:, None, :, None] & valid[:, None, None, :]
     b, n = valid.shape
     monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
+    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
     pieces, far = refiner_vit._padded_window_layout(grid, window, b, kernel // 2, mask.device)
     assert len(pieces) > 1 and far > 0 and not any(p.whole for p in pieces)
     g = torch.Generator().manual_seed(11)

@@ -61,6 +61,7 @@ _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 # bounds the peak memory of large global maps at a few launches.
 _CHUNK_ELEMENTS = {'cpu': 1 << 20}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 26
+_MIN_CHUNK_ROWS = 16
 
 
 def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -123,8 +124,12 @@ def _chunk_elements(device: torch.device) -> Optional[int]:
 
 
 def _rows_per_chunk(chunk_elements: Optional[int], row_elements: int) -> Optional[int]:
-    """Rows per chunk when one row of the expanded maps has ``row_elements`` elements."""
-    return None if chunk_elements is None else max(chunk_elements // row_elements, 1)
+    """Rows per chunk when one row of the expanded maps has ``row_elements`` elements; at
+    least ``_MIN_CHUNK_ROWS``: the depthwise conv's halo is recomputed for every chunk (2 rows
+    for a 3x3 kernel), which would outweigh what small chunks gain in the caches (many windows
+    in a batch make rows long)."""
+    return None if chunk_elements is None else max(chunk_elements // row_elements,
+                                                   _MIN_CHUNK_ROWS)
 
 
 def _row_chunks(num_rows: Size, rows: Optional[int],

@@ -219,24 +219,26 @@ class _Workspace:
 
 
 class _MapPiece:
-    """Some of the batch's maps (``windows``; None: all) restricted to the query rows ``rows``
-    and key columns ``cols`` (both or neither None: all): (B, C, L, L) tensors gathered to
-    (B', C, R, K)."""
+    """Some of the batch's (B, C, L, L) maps, ``windows`` (None: all), restricted to the query
+    and key tokens ``tokens`` (None: all): gathered to (B', C, T, T). Built from Python ints
+    (no tensor is read to find the pieces, nor to scatter them back)."""
 
-    def __init__(self, windows: Optional[torch.Tensor] = None,
-                 rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
-                 size: int = 0):
-        self.windows = windows
-        self.shape = None if rows is None else (len(rows), len(cols))
+    def __init__(self, windows: Optional[List[int]] = None, tokens: Optional[List[int]] = None,
+                 size: int = 0, device: Optional[torch.device] = None):
+        self.window_list = windows
+        self.windows = None if windows is None else torch.tensor(windows, device=device)
+        self.num_tokens = None if tokens is None else len(tokens)
+        index = None if tokens is None else torch.tensor(tokens, device=device)
         # the entries' indices in the flattened size x size maps
-        self.entries = None if rows is None else (rows[:, None] * size + cols).flatten()
-        self.whole = windows is None and rows is None
+        self.entries = None if index is None else (index[:, None] * size + index).flatten()
+        self.whole = windows is None and tokens is None
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.windows is not None:
             t = t.index_select(0, self.windows)
         if self.entries is not None:
-            t = t.flatten(2).index_select(2, self.entries).view(*t.shape[:2], *self.shape)
+            t = t.flatten(2).index_select(2, self.entries).view(
+                *t.shape[:2], self.num_tokens, self.num_tokens)
         return t
 
     def scatter_(self, full: torch.Tensor, values: torch.Tensor,
@@ -246,7 +248,7 @@ class _MapPiece:
             fn = full.index_add_ if accumulate else full.index_copy_
             return fn(0, self.windows, values)
         flat, values = full.flatten(2), values.flatten(2)
-        windows = range(len(full)) if self.windows is None else self.windows.tolist()
+        windows = range(len(full)) if self.window_list is None else self.window_list
         for i, w in enumerate(windows):
             fn = flat[w].index_add_ if accumulate else flat[w].index_copy_
             fn(1, self.entries, values[i])
@@ -293,14 +295,10 @@ def _padded_window_layout(hw: Tuple[int, int], window: int, num_maps: int, pad: 
         return _WHOLE_MAPS
     pieces = []
     for extent in sorted(groups, key=entries.__getitem__, reverse=True):
-        windows = None if len(groups) == 1 else torch.tensor(
-            [b * len(extents) + i for b in range(batch) for i in groups[extent]], device=device)
-        reach = reaches[extent]
-        if len(reach) == size:
-            pieces.append(_MapPiece(windows))
-        else:
-            index = torch.tensor(reach, device=device)
-            pieces.append(_MapPiece(windows, index, index, size))
+        windows = None if len(groups) == 1 else [
+            b * len(extents) + i for b in range(batch) for i in groups[extent]]
+        tokens = None if len(reaches[extent]) == size else reaches[extent]
+        pieces.append(_MapPiece(windows, tokens, size, device))
     return tuple(pieces), total - sum(entries.values())
 
 
@@ -357,9 +355,9 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return x, aug[:, :h]
 
     @staticmethod
-    def _pieces(a: torch.Tensor, mask: Optional[torch.Tensor], pieces: List[_MapPiece], e: int,
-                pad: int, chunk_elements: Optional[int]
-                ) -> List[Tuple[_MapPiece, torch.Tensor, Optional[torch.Tensor], List[Tuple]]]:
+    def _piece_maps(a: torch.Tensor, mask: Optional[torch.Tensor], pieces: Sequence[_MapPiece],
+                    e: int, pad: int, chunk_elements: Optional[int]
+                    ) -> List[Tuple[_MapPiece, torch.Tensor, Optional[torch.Tensor], List[Tuple]]]:
         """Per piece: the piece, its map (B', H, R, K), float mask, and chunks ``(r0, r1, i0,
         i1)`` of its query rows with the rows [i0, i1) that the depthwise conv reads."""
         keep = None if mask is None else mask.to(a.dtype)
@@ -421,7 +419,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         pieces, far = layout
-        maps = _RefineWithBatchStats._pieces(a, mask, pieces, e, pad, chunk_elements)
+        maps = _RefineWithBatchStats._piece_maps(a, mask, pieces, e, pad, chunk_elements)
         chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
         ws = _Workspace(a, chunk_elements is not None)
 
@@ -514,7 +512,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        maps = _RefineWithBatchStats._pieces(a, mask, ctx.pieces, e, pad, chunk_elements)
+        maps = _RefineWithBatchStats._piece_maps(a, mask, ctx.pieces, e, pad, chunk_elements)
         chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
         ws = _Workspace(a, chunk_elements is not None)
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in

@@ -15,6 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmvit_plugins.models import backbones
 from tests.conftest import TINY_BACKBONES
 
+from .helpers import load_tool
+
+COUNT_GRAPHS = load_tool('tools/analysis/count_graphs.py')
 NAMES = sorted(backbones.__all__)
 EXPORT_SIZE = (64, 96)
 # Other sizes one export must serve: window padding in every family (the maps of 72x80 and
@@ -130,24 +133,14 @@ def test_compiled_training_step_equals_eager(name, options):
 def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int, int]],
                           dynamic: Optional[bool], mark: bool) -> int:
     """Graphs dynamo compiles for ``model`` (eval) over ``sizes``, each output equal to eager."""
-    graphs = []
-
-    def counting(gm: torch.fx.GraphModule, example_inputs) -> Callable:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    model_c = torch.compile(model, backend=counting, dynamic=dynamic, fullgraph=True)
-    for size in sizes:
-        x = torch.randn(*size[:1], 3, *size[1:])
-        if mark:
-            for dim in (0, 2, 3):
-                torch._dynamo.maybe_mark_dynamic(x, dim)
+    def equals_eager(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
-            outs, refs = model_c(x), model(x)
-        assert [o.shape for o in outs] == [r.shape for r in refs], size
-        assert relative_error(outs, refs) <= COMPILE_RTOL, size
-    return len(graphs)
+            refs = model(x)
+        assert [o.shape for o in outs] == [r.shape for r in refs], x.shape
+        assert relative_error(outs, refs) <= COMPILE_RTOL, x.shape
+
+    return COUNT_GRAPHS.count_graphs(model, sizes, dynamic, marked=mark,
+                                     check=equals_eager)['graphs']
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -13,8 +13,9 @@ SIZES = [(64, 96), (96, 128)]
 def test_marked_dimensions_share_one_graph_static_shapes_take_one_per_size():
     torch.manual_seed(0)
     model = MAFormer(**TINY_BACKBONES['MAFormer'])
-    marked = count.count_graphs(model, SIZES, 2, count.DYNAMIC['marked'], marked=True)
-    static = count.count_graphs(model, SIZES, 2, count.DYNAMIC['false'])
+    shapes = [(2, h, w) for h, w in SIZES]
+    marked = count.count_graphs(model, shapes, count.DYNAMIC['marked'], marked=True)
+    static = count.count_graphs(model, shapes, count.DYNAMIC['false'])
     assert (marked['graphs'], marked['graphs_after']) == (1, [1, 1])
     assert (static['graphs'], static['graphs_after']) == (2, [1, 2])
     assert len(marked['seconds']) == len(SIZES)

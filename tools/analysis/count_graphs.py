@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_backbones import build_backbone, parse_size, parse_spec  # noqa: E402
@@ -51,11 +51,13 @@ class _Reasons(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def count_graphs(model, sizes: List[Tuple[int, int]], batch: int, dynamic: Optional[bool],
-                 backend: str = 'eager', device: str = 'cpu', marked: bool = False) -> Dict:
-    """Compile ``model`` (eval, ``fullgraph=True``) and call it at every size: graphs compiled
-    in all, after each size, and the seconds each call took (compilation included).
-    ``marked``: every input's batch, height and width are marked dynamic."""
+def count_graphs(model, shapes: Sequence[Tuple[int, int, int]], dynamic: Optional[bool],
+                 backend: str = 'eager', device: str = 'cpu', marked: bool = False,
+                 check: Optional[Callable] = None) -> Dict:
+    """Compile ``model`` (eval, ``fullgraph=True``) and call it on a random input of every
+    (batch, height, width) in ``shapes``: graphs compiled in all, after each call, and the
+    seconds each call took (compilation included). ``marked``: every input's batch, height
+    and width are marked dynamic. ``check(x, outputs)``, if given, runs after each call."""
     import torch
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -70,16 +72,18 @@ def count_graphs(model, sizes: List[Tuple[int, int]], batch: int, dynamic: Optio
     model = model.to(device).eval()
     compiled = torch.compile(model, backend=counting, dynamic=dynamic, fullgraph=True)
     after, seconds = [], []
-    for h, w in sizes:
+    for batch, h, w in shapes:
         x = torch.randn(batch, 3, h, w, device=device)
         if marked:
             for dim in MARKED_DIMS:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
         start = time.perf_counter()
         with torch.no_grad():
-            compiled(x)
+            outs = compiled(x)
         seconds.append(time.perf_counter() - start)
         after.append(len(graphs))
+        if check is not None:
+            check(x, outs)
     return dict(graphs=len(graphs), graphs_after=after, seconds=seconds)
 
 
@@ -93,8 +97,9 @@ def run_worker(args: argparse.Namespace) -> Dict:
     if args.reasons:
         torch._logging.set_logs(recompiles=True)
         logging.getLogger('torch._dynamo').addHandler(reasons)
-    row = count_graphs(model, args.sizes, args.batch_size, DYNAMIC[args.dynamic[0]],
-                       args.backend, args.device, marked=args.dynamic[0] == 'marked')
+    row = count_graphs(model, [(args.batch_size, h, w) for h, w in args.sizes],
+                       DYNAMIC[args.dynamic[0]], args.backend, args.device,
+                       marked=args.dynamic[0] == 'marked')
     if hasattr(model, 'fsla_levels'):
         row['fsla_levels'] = [list(model.fsla_levels(hw)) for hw in args.sizes]
     row['reasons'] = [m for m in reasons.messages if 'triggered by' in m or '- ' in m]

@@ -302,6 +302,21 @@ def _padded_window_layout(hw: Tuple[int, int], window: int, num_maps: int, pad: 
     return tuple(pieces), total - sum(entries.values())
 
 
+def _piece_maps(a: torch.Tensor, keep: Optional[torch.Tensor], pieces: Sequence[_MapPiece],
+                e: int, halo: Tuple[int, int], chunk_elements: Optional[int]
+                ) -> List[Tuple[_MapPiece, torch.Tensor, Optional[torch.Tensor], List[Tuple]]]:
+    """Per piece: the piece, its map (B', H, R, K) and float mask (``keep``, (B, 1, L, L),
+    gathered), and the chunks ``(r0, r1, i0, i1)`` of its query rows with the rows [i0, i1)
+    that the depthwise conv (``halo`` rows above and below) reads; ``e`` expanded channels."""
+    out = []
+    for piece in pieces:
+        a_p = piece.gather(a)
+        b, _, r, k = a_p.shape
+        out.append((piece, a_p, None if keep is None else piece.gather(keep),
+                    _row_chunks(r, _rows_per_chunk(chunk_elements, b * e * k), halo)))
+    return out
+
+
 class _RefineWithBatchStats(torch.autograd.Function):
     """:meth:`DistributedLocalAttention.refine` with all four BatchNorms on batch statistics,
     in chunks of query rows, so that the expanded maps never exist whole in the forward.
@@ -355,22 +370,6 @@ class _RefineWithBatchStats(torch.autograd.Function):
         return x, aug[:, :h]
 
     @staticmethod
-    def _piece_maps(a: torch.Tensor, mask: Optional[torch.Tensor], pieces: Sequence[_MapPiece],
-                    e: int, pad: int, chunk_elements: Optional[int]
-                    ) -> List[Tuple[_MapPiece, torch.Tensor, Optional[torch.Tensor], List[Tuple]]]:
-        """Per piece: the piece, its map (B', H, R, K), float mask, and chunks ``(r0, r1, i0,
-        i1)`` of its query rows with the rows [i0, i1) that the depthwise conv reads."""
-        keep = None if mask is None else mask.to(a.dtype)
-        out = []
-        for piece in pieces:
-            a_p = piece.gather(a)
-            b, _, r, k = a_p.shape
-            rows = _rows_per_chunk(chunk_elements, b * e * k)
-            out.append((piece, a_p, None if keep is None else piece.gather(keep),
-                        _row_chunks(r, rows, (pad, pad))))
-        return out
-
-    @staticmethod
     def _map_chunks(a: torch.Tensor, e: int, chunk_elements: Optional[int]
                     ) -> List[Tuple[Size, Size]]:
         """Query-row chunks [r0, r1) of the map-sized steps on the whole (B, H, L, L) map."""
@@ -419,7 +418,8 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         w1m, w3m = w1.view(e, h), w3.view(h, e)
         pieces, far = layout
-        maps = _RefineWithBatchStats._piece_maps(a, mask, pieces, e, pad, chunk_elements)
+        keep = None if mask is None else mask.to(a.dtype)
+        maps = _piece_maps(a, keep, pieces, e, (pad, pad), chunk_elements)
         chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
         ws = _Workspace(a, chunk_elements is not None)
 
@@ -512,7 +512,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         count = b * n * n
         keep = None if mask is None else mask.to(a.dtype)
         w1m, w3m = w1.view(e, h), w3.view(h, e)
-        maps = _RefineWithBatchStats._piece_maps(a, mask, ctx.pieces, e, pad, chunk_elements)
+        maps = _piece_maps(a, keep, ctx.pieces, e, (pad, pad), chunk_elements)
         chunks = _RefineWithBatchStats._map_chunks(a, e, chunk_elements)
         ws = _Workspace(a, chunk_elements is not None)
         r1_, r2_, r3_, r4_ = (torch.rsqrt(v + eps[i]) for i, v in
@@ -790,12 +790,11 @@ class DistributedLocalAttention(nn.Module):
         pieces = layout[0]
         keep = None if mask is None else mask.to(attn.dtype)
         out = None if pieces[0].whole else attn.new_zeros(attn.shape)
-        for piece in pieces:
-            a, keep_p = piece.gather(attn), None if keep is None else piece.gather(keep)
-            b, _, r, n = a.shape
+        for piece, a, keep_p, spans in _piece_maps(attn, keep, pieces, e, (top, bottom),
+                                                   chunk_elements):
+            b, _, _, n = a.shape
             chunks = []
-            for r0, r1, i0, i1 in _row_chunks(r, _rows_per_chunk(chunk_elements, b * e * n),
-                                              (top, bottom)):
+            for r0, r1, i0, i1 in spans:
                 # i0:i1 the rows that the depthwise conv reads
                 x = torch.baddbmm(t1, a[:, :, i0:i1].reshape(b, h, -1).transpose(1, 2),
                                   w1.expand(b, h, e))

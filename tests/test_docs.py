@@ -181,7 +181,7 @@ def repo_paths(word: str) -> Iterator[str]:
             yield piece
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_ignored(path: str) -> bool:
     """Whether git ignores ``path`` (as a file or a folder): a build product or user data."""
     try:
@@ -352,7 +352,8 @@ def test_broken_links_are_found():
     doc = ROOT / 'docs' / 'page.md'
     text = ('[ok](install.md) [ok](install.md#' + sorted(anchors(
         (ROOT / 'docs' / 'install.md').read_text()))[0] + ') [web](https://example.org/x#y) '
-            '[self](#here) [self2](#there)\n# Here\n[gone](missing.md) [bad](install.md#no-such-anchor) '
+            '[self](#here) [self2](#there)\n# Here\n[gone](missing.md) '
+            '[bad](install.md#no-such-anchor) '
             '[out](../../x.md) `[code](missing2.md)`\n```\n[block](missing3.md)\n```\n'
             '[ref]: ./nothing.md\n<img src="../no.png">')
     problems = broken_links(doc, text)
@@ -396,6 +397,7 @@ def test_diary_wording_is_found():
             'the helper ran it.')
     assert [p.split(':')[0] for p in diary_problems(text)] == [
         'session', 'issue number', 'lent', 'helper', 'round number', 'commit hash']
-    clean = ('An onnxruntime InferenceSession, an onnxruntime session; silent; the 2 rounds; a sha256 of 64 hex digits '
+    clean = ('An onnxruntime InferenceSession, an onnxruntime session; silent; the 2 rounds; '
+             'a sha256 of 64 hex digits '
              + 'ab12' * 16 + '; 1e-4; deadbeef; 0x1f2e3d4c.')
     assert diary_problems(clean) == []

@@ -39,6 +39,10 @@ REF_DEF = re.compile(r'^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+"[^"]*")?\s*$', re.
 HTML_LINK = re.compile(r'\b(?:href|src)="([^"]+)"')
 HTML_ANCHOR = re.compile(r'<a\s+(?:name|id)="([^"]+)"')
 CODE_SPAN = re.compile(r'(`+)(.+?)\1', re.S)
+# Inline code starting with one of these is a command (other spans may name files of other
+# projects, e.g. mmdeploy's own tools/deploy.py).
+PROGRAMS = {'python', 'python3', 'bash', 'sh', 'make', 'pytest', 'torchrun', 'mim', 'pip',
+            'ruff', 'ls', 'cat', 'source', 'cd'}
 SHELL_LANGS = {'', 'bash', 'sh', 'shell', 'console', 'shell-session', 'text'}
 
 
@@ -154,7 +158,10 @@ def commands(text: str) -> Iterator[str]:
             if line:
                 yield line
     for _, span in CODE_SPAN.findall(prose):
-        yield span.replace('\n', ' ').strip()
+        span = span.replace('\n', ' ').strip()
+        program = re.sub(r'^(\w+=\S*\s+)*', '', span).split(' ')[0]
+        if program.split('/')[-1] in PROGRAMS:  # a command, not a name in prose
+            yield span
 
 
 def words(command: str) -> List[str]:
@@ -386,10 +393,13 @@ def test_command_checks_find_missing_paths_targets_and_flags():
 
 
 def test_commands_come_from_shell_blocks_and_code_spans():
-    page = ('Run `make demo` first.\n```bash\npython tools/train.py X \\\n    --amp  # note\n'
-            '$ make test\n```\n```python\nimport os\n```\n')
+    page = ('Run `make demo` first, `PYTHON=python3.12 bash tools/setup_env.sh` and '
+            "`.venv/bin/python tools/x.py`, not mmdeploy's own `tools/deploy.py`.\n```bash\n"
+            'python tools/train.py X \\\n    --amp  # note\n$ make test\n```\n'
+            '```python\nimport os\n```\n')
     assert list(commands(page)) == ['python tools/train.py X      --amp', 'make test',
-                                    'make demo']
+                                    'make demo', 'PYTHON=python3.12 bash tools/setup_env.sh',
+                                    '.venv/bin/python tools/x.py']
 
 
 def test_diary_wording_is_found():

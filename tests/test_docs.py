@@ -148,7 +148,7 @@ TOP_LEVEL = tracked_top_level()
 
 def commands(text: str) -> Iterator[str]:
     """Shell commands of a markdown file: the lines of shell code blocks (continuations joined,
-    prompts and comments dropped) and inline code spans."""
+    prompts and comments dropped) and the inline code spans that start with a program."""
     prose, blocks = split_markdown(text)
     for lang, body in blocks:
         if lang not in SHELL_LANGS:

@@ -3,7 +3,7 @@ step and one test step on toy data (backbone and heads shrunk through config ove
 import copy
 import math
 import re
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -54,13 +54,13 @@ def _registered(type_name: str) -> bool:
     return MODELS.get(type_name) is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _loaded(path) -> Config:
     """A config as loaded from its file, shared by the tests that only read it."""
     return Config.fromfile(str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _full_widths(type_name: str, arch: str):
     """The preset's output widths, from a build with the fewest blocks (widths do not depend on
     depth)."""

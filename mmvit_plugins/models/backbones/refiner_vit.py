@@ -56,9 +56,9 @@ _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 
 # Elements of the 3x-expanded map per chunk of the refiner's chunked paths: on the CPU ~4 MB,
 # so that chunks stay in the caches and in the allocator's reused heap (a fresh map-sized
-# tensor costs a page fault per 4 KB, more than the arithmetic on it; 4 MB chunks were 3-11 %
-# faster per Refiner-ViT-S training step at 512x512 than 8 MB ones); elsewhere a chunk
-# bounds the peak memory of large global maps at a few launches.
+# tensor costs a page fault per 4 KB, more than the arithmetic on it, so 4 MB chunks train
+# faster than 8 MB ones); elsewhere a chunk bounds the peak memory of large global maps at a
+# few launches.
 _CHUNK_ELEMENTS = {'cpu': 1 << 20}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 26
 _MIN_CHUNK_ROWS = 16
@@ -156,14 +156,14 @@ def _moments(x: torch.Tensor, dim: Tuple[int, ...], tmp: Optional[torch.Tensor] 
 
 def _tile(v: torch.Tensor, n: int) -> torch.Tensor:
     """Per-channel values (C,) -> (n, C), to broadcast over channels-last (..., n, C) maps: the
-    CPU kernels then run one contiguous loop over n * C elements instead of n loops over C
-    (2x faster for C = 36)."""
+    CPU kernels then run one contiguous loop over n * C elements instead of n short loops over
+    C."""
     return v.repeat(n).view(n, -1)
 
 
 def _channel_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sums of a channels-last (..., n, C) map whose last two dims are contiguous
-    (summed as n * C columns first: 3-4x faster on the CPU than over C columns): (C,)."""
+    (summed as n * C columns first, faster on the CPU than over C columns): (C,)."""
     return x.flatten(-2).sum(dim=tuple(range(x.dim() - 2))).view(x.shape[-2], -1).sum(0)
 
 
@@ -870,7 +870,7 @@ class RefinedAttention(nn.Module):
 
         Under autocast the maps (logits, softmax, refiner convs and BNs) stay in float32: the
         BNs normalise maps of nearly uniform probabilities, which would magnify 16-bit rounding
-        (measured on a tiny model: 22 % -> 9 % relative gradient error in bf16); the
+        (float32 maps more than halve the relative gradient error of a bf16 tiny model); the
         projections and the product with the values run in the compute dtype.
         """
         b, n, c = x.shape
@@ -960,8 +960,8 @@ class ConvPatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         x = pad_end(x, ((2, pad_to(h, PATCH_SIZE)), (3, pad_to(w, PATCH_SIZE))))
         if x.device.type == 'cpu':
-            # oneDNN's fast layout for these full-resolution convs (their backward: ~20 % of a
-            # training step at 512x512); the (B, C, h, w) output then flattens to tokens
+            # oneDNN's fast layout for these full-resolution convs (their backward is a large
+            # part of a training step); the (B, C, h, w) output then flattens to tokens
             # without a copy
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(self.bn1(self.conv1(x)))
@@ -974,7 +974,7 @@ class ConvPatchEmbed(nn.Module):
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``self.proj`` (kernel = stride) as one matrix product over the patches of the
         channels-last (B, C, H, W) map: (B, embed, H/k, W/k), channels-last. On the CPU its
-        backward runs ~2x faster than the strided convolution's (oneDNN)."""
+        backward runs faster than the strided convolution's (oneDNN)."""
         b, c, h, w = x.shape
         k = self.proj.stride[0]
         patches = x.permute(0, 2, 3, 1).reshape(b, h // k, k, w // k, k, c).transpose(2, 3)
@@ -1263,7 +1263,7 @@ class RefinerViT(PyramidBackbone):
             t = tokens[i][:, self.num_extra_tokens:]
             if x.device.type == 'cpu':
                 # a channels-last view, no copy: the pyramid's transposed convs and norms run
-                # ~25 % faster on it (oneDNN), with the same numbers
+                # faster on it (oneDNN), with the same numbers
                 feats.append(t.reshape(t.shape[0], h, w, self.embed_dims).permute(0, 3, 1, 2))
             else:
                 feats.append(t.transpose(1, 2).reshape(t.shape[0], self.embed_dims, h, w))

@@ -2,8 +2,11 @@
 and test.py (onnxruntime against PyTorch for UperNet and Mask R-CNN with every backbone family
 at tiny widths) and their errors on bad input."""
 import copy
+import os.path as osp
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +17,11 @@ from mmengine.config import Config, ConfigDict
 from mmvit_plugins.deployment import adaptive_bins, exact_adaptive_avg_pool2d
 
 from .conftest import TINY_BACKBONES
-from .helpers import ROOT, load_tool
+from .helpers import ROOT, import_deploy, load_tool
 
-mmdeploy = pytest.importorskip('mmdeploy', reason='deployment extra: pip install .[deploy]')
-ort = pytest.importorskip('onnxruntime')
+mmdeploy = import_deploy('mmdeploy')
+ort = import_deploy('onnxruntime')
+onnx = import_deploy('onnx')
 
 DEPLOY = ROOT / 'configs' / 'deploy'
 SEG_STATIC = DEPLOY / 'mmseg' / 'segmentation_onnxruntime_static-512x512.py'
@@ -332,12 +336,78 @@ def test_mask_rcnn_static_800x1344_and_test_tool(tmp_path):
     result = _deploy(tmp_path, DET_STATIC, cfg, (800, 1344))
     assert result['agreement']['reference'] > 0
     assert result['agreement']['matched'] == result['agreement']['reference']
-    import onnx
     shape = onnx.load(result['onnx']).graph.input[0].type.tensor_type.shape
     assert [d.dim_value for d in shape.dim] == [1, 3, 800, 1344]
+    # Random weights detect none of the toy objects (mAP 0 for both models): the ground truth
+    # becomes every other of the PyTorch model's 10 best detections per image.
+    cfg = _static_test_config(tmp_path / 'model.py', tmp_path / 'model.pth', (1344, 800),
+                              tmp_path / 'pytorch')
+    _predictions_as_ground_truth(cfg, Path(data_root) / 'annotations' / 'instances_val.json')
     metrics = test_tool.main([str(DET_STATIC), str(tmp_path / 'model.py'), '--model',
                               result['onnx'], '--work-dir', str(tmp_path / 'test')])
-    assert 'coco/bbox_mAP' in metrics and 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+    reference = _pytorch_metrics(cfg)
+    assert 0.2 < reference['coco/bbox_mAP'] < 1 and 0.2 < reference['coco/segm_mAP'] < 1, \
+        reference
+    keys = [k for k in reference if k.startswith(('coco/bbox_mAP', 'coco/segm_mAP'))]
+    assert len(keys) == 12 and set(keys) <= set(metrics), (reference, metrics)
+    # CocoMetric rounds to 3 decimals: one unit of that rounding.
+    assert {k: metrics[k] for k in keys} == pytest.approx({k: reference[k] for k in keys},
+                                                          abs=1e-3, rel=0)
+
+
+def _static_test_config(config, checkpoint, input_shape, work_dir) -> Config:
+    """The model config as tools/test.py runs it for the PyTorch checkpoint, with the test
+    pipeline resized to the static ``input_shape`` (W, H) as test.py does for the exported
+    model."""
+    from mmvit_plugins.utils.runtime import prepare_config
+    cfg = prepare_config(str(config), None, 'none', str(work_dir))
+    assert test_tool.resize_to_input_shape(cfg.test_dataloader.dataset.pipeline, input_shape)
+    cfg.load_from = str(checkpoint)
+    return cfg
+
+
+def _pytorch_metrics(cfg: Config) -> dict:
+    from mmengine.runner import Runner
+
+    from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+    with safe_mmengine_loading():
+        return dict(Runner.from_cfg(copy.deepcopy(cfg)).test())
+
+
+def _predictions_as_ground_truth(cfg: Config, ann_file) -> None:
+    """Replace the annotations of ``ann_file`` by detections 1, 3, 5, 7 and 9 (in decreasing
+    score) of the PyTorch model on each of its images: boxes, labels and masks (RLE)."""
+    import json
+
+    import pycocotools.mask as mask_utils
+    from mmengine.runner import Runner
+
+    from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+    coco = json.loads(ann_file.read_text())
+    ids = {image['file_name']: image['id'] for image in coco['images']}
+    categories = [c['id'] for c in coco['categories']]
+    with safe_mmengine_loading():
+        runner = Runner.from_cfg(copy.deepcopy(cfg))
+        runner.load_or_resume()
+    runner.model.eval()
+    annotations = []
+    with torch.no_grad():
+        for batch in runner.test_dataloader:
+            for sample in runner.model.test_step(batch):
+                pred = sample.pred_instances
+                for i in torch.argsort(pred.scores, descending=True)[:10:2].tolist():
+                    x1, y1, x2, y2 = pred.bboxes[i].tolist()
+                    mask = np.asfortranarray(pred.masks[i].numpy().astype(np.uint8))
+                    rle = mask_utils.encode(mask)
+                    rle['counts'] = rle['counts'].decode()
+                    assert mask.any() and x2 > x1 and y2 > y1
+                    annotations.append(dict(
+                        id=len(annotations) + 1, iscrowd=0, segmentation=rle,
+                        image_id=ids[osp.basename(sample.img_path)],
+                        category_id=categories[int(pred.labels[i])],
+                        bbox=[x1, y1, x2 - x1, y2 - y1], area=float(mask.sum())))
+    assert len(annotations) == 5 * len(coco['images'])
+    ann_file.write_text(json.dumps(dict(coco, annotations=annotations)))
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -404,9 +474,47 @@ def test_failed_export_leaves_no_onnx_file(tmp_path, seg_files, monkeypatch):
     assert list((tmp_path / 'work').iterdir()) == []
 
 
+def test_ir_other_than_onnx(tmp_path, seg_files):
+    """Both tools refuse a deploy config whose intermediate representation is not ONNX."""
+    config, checkpoint, image = seg_files
+    deploy_cfg = tmp_path / 'segmentation_torchscript.py'
+    deploy_cfg.write_text(f"_base_ = [{str(SEG_DYNAMIC)!r}]\n"
+                          "ir_config = dict(type='torchscript', save_file='end2end.pt', "
+                          "input_names=['input'], output_names=['output'], input_shape=None)\n")
+    message = _deploy_error([deploy_cfg, config, checkpoint, image], tmp_path)
+    assert 'DEPLOY_CFG=' in message and "type='torchscript'" in message, message
+    assert "allowed values: ['onnx']" in message, message
+    with pytest.raises(SystemExit, match=r"DEPLOY_CFG=.*type='torchscript'.*\['onnx'\]"):
+        test_tool.main([str(deploy_cfg), config, '--model', checkpoint])
+
+
 def test_test_tool_errors(tmp_path, seg_files):
     config, _, _ = seg_files
     with pytest.raises(SystemExit, match=r'--model=.*not found'):
         test_tool.main([str(SEG_DYNAMIC), config, '--model', str(tmp_path / 'end2end.onnx')])
     with pytest.raises(SystemExit, match="DEPLOY_CFG=.*codebase 'mmdet'"):
         test_tool.main([str(DET_DYNAMIC), config, '--model', str(tmp_path / 'end2end.onnx')])
+
+
+# -- make demo ------------------------------------------------------------------------------------
+def test_demo_script_end_to_end(tmp_path):
+    """``make demo``'s script in a fast form: the toy set, evaluation before and after 2
+    training iterations, overlays, image_demo.py, export with deploy.py and test.py on the
+    exported model, whose mIoU the script requires to be PyTorch's within 0.5 points. MAFormer-S
+    (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``: 2 iterations need not
+    improve the model."""
+    work_dir = tmp_path / 'work'
+    cmd = [sys.executable, 'tools/misc/demo.py', '--task', 'seg', '--config',
+           'configs/upernet_maformer_s_ade20k.py', '--iters', '2', '--min-gain', '-100',
+           '--data-root', str(tmp_path / 'toy_ade'), '--work-dir', str(work_dir)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert '[demo] OK: mIoU gained' in result.stdout, result.stdout[-4000:]
+    deployed, pytorch = map(float, re.search(r'onnxruntime mIoU ([\d.]+) \(PyTorch ([\d.]+)\)',
+                                             result.stdout).groups())
+    assert abs(deployed - pytorch) <= 0.5
+    assert len(list((work_dir / 'overlays').glob('*.png'))) == 12
+    assert len(list((work_dir / 'image_demo').glob('*.png'))) == 1
+    assert (work_dir / 'deploy' / 'end2end.onnx').is_file()
+    assert (work_dir / 'toy_config.py').is_file()

@@ -432,3 +432,23 @@ def test_fsla_clustering_keeps_full_precision_where_products_may_run_in_tf32(mon
     tf32 = _token_groups(x.float(), layout)
     assert (float32 != exact).double().mean() < 1e-3
     assert (tf32 != exact).double().mean() > 0.1
+
+
+def test_timm_feature_model_builds_the_stages_it_returns_and_loads_whole_checkpoints():
+    """A timm model built with out_indices (features_only) builds the stages up to the last one
+    asked for; a later stage is refused by name; a checkpoint of the whole model filters onto
+    it."""
+    from mmvit_plugins.models.timm_models import BOATSwinClassifier, checkpoint_filter_fn
+    tiny = TINY_BACKBONES['BOATSwin']
+    whole = BOATSwinClassifier(num_classes=0, out_indices=(0, 1, 2, 3), **tiny)
+    model = BOATSwinClassifier(num_classes=0, out_indices=(0, 1), **tiny)
+    assert len(model.backbone.stages) == 2
+    model.load_state_dict(checkpoint_filter_fn(whole.state_dict(), model))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        ref = whole.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r'stages \[2\] are not built'):
+        model.forward_intermediates(x, indices=[2], intermediates_only=True)

@@ -241,8 +241,8 @@ def test_out_indices_and_pyramid_block_indexes():
     outs = model(torch.randn(1, 3, 64, 96))
     assert [o.shape for o in outs] == [(1, 48, 8, 12), (1, 48, 2, 3)]
     sum(o.mean() for o in outs).backward()
-    # only blocks up to the deepest feeding block run
-    assert model.blocks[2].attn.qkv.weight.grad is None
+    # only blocks up to the deepest feeding block are built (and run)
+    assert len(model.blocks) == 2
     assert model.blocks[1].attn.v.weight.grad is not None
 
 

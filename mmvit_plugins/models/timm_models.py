@@ -156,8 +156,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     model's own -> this model's state dict.
 
     Classifier keys (``model.head_prefixes``) are renamed by ``model.head_key``; every other key
-    (``backbone.`` prefix removed) goes through the backbone's ``convert_checkpoint``, the only
-    copy of the public key rules (e.g. BOAT's public final ``norm`` -> ``out_norm3``). Backbone
+    (``backbone.`` prefix removed) goes through the backbone's ``loadable_state_dict``: its
+    ``convert_checkpoint``, the only copy of the public key rules (e.g. BOAT's public final
+    ``norm`` -> ``out_norm3``), less the keys of the stages ``out_indices`` leaves unbuilt. Backbone
     keys public checkpoints never hold (the norms of the other stages, Refiner-ViT's pyramid)
     keep the model's initial values, as the mm backbone's loader leaves them; such keys of an
     mm backbone checkpoint that the model does not have (e.g. the pyramid of a Refiner-ViT
@@ -177,7 +178,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
         raise ValueError(f'{type(model).__name__}: the checkpoint holds {family} weights '
                          f'({describe_keys(trunk)}), the model is {own_family}: weights of '
                          'another family are never loaded')
-    converted = model.backbone.convert_checkpoint(trunk)
+    converted = model.backbone.loadable_state_dict(trunk)
     converted = {k: v for k, v in converted.items()
                  if k in own or not k.startswith(model.backbone._keys_not_in_public_checkpoints)}
     filled = []
@@ -250,6 +251,12 @@ class PyramidClassifier(_TimmModel):
         if not intermediates_only:
             self._check_final_stage()
         backbone = self.backbone
+        unbuilt = [i for i in take if i >= len(backbone.stages)]
+        if unbuilt:
+            raise ValueError(f'stages {unbuilt} are not built: the backbone was built with '
+                             f'out_indices={self.stage_indices} (stages after the last one are '
+                             'not built); create the model with features_only=True and '
+                             f'out_indices={tuple(take)}')
         backbone.check_input(x)
         dtype = output_dtype(x)
         x = backbone.embed_drop(backbone.patch_embed(x))

@@ -175,10 +175,17 @@ class _BOATBackbone(PyramidBackbone):
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return _rename(state_dict, self.public_key_rules)
 
+    def unbuilt_key_prefixes(self) -> Tuple[str, ...]:
+        """As the base, and the downsampling after the last stage built (the next stage's
+        input)."""
+        last = self.num_stages - 1
+        downsample = (f'stages.{last}.downsample.', ) if last < 3 else ()
+        return super().unbuilt_key_prefixes() + downsample
+
     def fsla_levels(self, hw: Tuple[int, int]) -> Tuple[int, ...]:
-        """Per stage, the clustering levels of its FSLA for an (H, W) input (0: one group, or
-        no FSLA). A graph exported (ONNX) at one input size serves exactly the sizes with the
-        same levels; a graph compiled with dynamic shapes guards on them."""
+        """Per stage built, the clustering levels of its FSLA for an (H, W) input (0: one
+        group, or no FSLA). A graph exported (ONNX) at one input size serves exactly the sizes
+        with the same levels; a graph compiled with dynamic shapes guards on them."""
         levels = []
         h, w = ceil_div(hw[0], 4), ceil_div(hw[1], 4)
         for stage in self.stages:
@@ -240,8 +247,9 @@ class BOATSwin(_BOATBackbone):
                                       dynamic_img_pad=True)
         self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads, rates) in enumerate(zip(
-                arch['depths'], arch['num_heads'], stage_rates(drop_path_rate, arch['depths']))):
+        for i, depth, heads, rates in zip(range(self.num_stages), arch['depths'],
+                                          arch['num_heads'],
+                                          stage_rates(drop_path_rate, arch['depths'])):
             blocks = [
                 BOATSwinBlock(widths[i], heads, window_size, shifted=j % 2 == 1,
                               fsla=make_fsla(widths[i], heads)
@@ -250,7 +258,8 @@ class BOATSwin(_BOATBackbone):
                               attn_drop=attn_drop_rate, drop_path=rates[j])
                 for j in range(depth)
             ]
-            downsample = PatchMerging(widths[i], widths[i + 1]) if i < 3 else None
+            downsample = PatchMerging(widths[i], widths[i + 1]) \
+                if i < self.num_stages - 1 else None
             self.stages.append(WindowStage(blocks, window_size, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
         self._finish_init()
@@ -484,9 +493,9 @@ class BOATCSWin(_BOATBackbone):
         self.patch_embed = CSWinPatchEmbed(in_channels, widths[0])
         self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads, split, rates) in enumerate(zip(
-                arch['depths'], arch['num_heads'], arch['split_sizes'],
-                stage_rates(drop_path_rate, arch['depths']))):
+        for i, depth, heads, split, rates in zip(
+                range(self.num_stages), arch['depths'], arch['num_heads'], arch['split_sizes'],
+                stage_rates(drop_path_rate, arch['depths'])):
             if i < 3:
                 windows = [(None, split), (split, None)]
             else:
@@ -498,7 +507,7 @@ class BOATCSWin(_BOATBackbone):
                                drop_path=rates[j])
                 for j in range(depth)
             ]
-            downsample = ConvMerge(widths[i], widths[i + 1]) if i < 3 else None
+            downsample = ConvMerge(widths[i], widths[i + 1]) if i < self.num_stages - 1 else None
             self.stages.append(CrossShapedStage(blocks, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
         self._finish_init()

@@ -274,9 +274,8 @@ class MAFormer(PyramidBackbone):
         self.embed_drop = nn.Dropout(drop_rate)
         grid = tuple(math.ceil(s / 4) for s in self.pretrain_img_size)
         self.stages = nn.ModuleList()
-        for i, (dim, heads, rates) in enumerate(zip(
-                widths, arch['num_heads'],
-                stage_rates(drop_path_rate, arch['depths']))):
+        for i, dim, heads, rates in zip(range(self.num_stages), widths, arch['num_heads'],
+                                        stage_rates(drop_path_rate, arch['depths'])):
             common = dict(dim=dim, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                           drop=drop_rate, attn_drop=attn_drop_rate)
             downsample = PatchMerging(widths[i - 1], dim) if i > 0 else None

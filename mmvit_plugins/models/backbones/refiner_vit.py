@@ -12,6 +12,7 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
@@ -43,6 +44,7 @@ from .base import (
     check_int,
     check_number,
     check_probability,
+    checkpoint,
     drop_path_rates,
     output_dtype,
     resolve_arch,
@@ -80,11 +82,53 @@ def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, 
     return scale, shift
 
 
+def _synchronises(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` is a SyncBatchNorm that reduces its batch statistics over processes (as
+    its forward decides: in training, with more than one process in its group)."""
+    return (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available()
+            and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1)
+
+
+def _normalises_locally(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn``'s forward is ``F.batch_norm`` on its input (BatchNorm2d, mmengine's
+    ``_BatchNormXd``, a SyncBatchNorm that does not synchronise), which the refiner's fast
+    paths compute themselves."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        return not _synchronises(bn)
+    return type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
+def _sync_batch_norm(x: torch.Tensor, bn: nn.SyncBatchNorm,
+                     batch_stats: List[torch.Tensor]) -> torch.Tensor:
+    """Training-mode ``bn(x)`` on the batch statistics of every process of ``bn``'s group, as
+    SyncBatchNorm computes them, through differentiable all-reduces of the per-channel sums
+    (two: the mean, then the centred squares); the mean and unbiased variance are appended
+    to ``batch_stats`` where ``bn`` tracks running statistics."""
+    from torch.distributed.nn.functional import all_reduce
+    group = bn.process_group or dist.group.WORLD
+    dims = (0, 2, 3)
+    count = x.new_full((1, ), x.numel() // x.shape[1])
+    sums = all_reduce(torch.cat([x.sum(dim=dims), count]), group=group)
+    count = sums[-1].detach()
+    mean = sums[:-1] / count
+    centred = x - mean.view(1, -1, 1, 1)
+    var = all_reduce(centred.square().sum(dim=dims), group=group) / count
+    if bn.track_running_stats:
+        batch_stats += [mean.detach(), var.detach() * count / (count - 1).clamp(min=1)]
+    out = centred * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
+    if bn.weight is not None:
+        out = out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return out
+
+
 def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
                 batch_stats: List[torch.Tensor]) -> torch.Tensor:
     """``bn(x)`` without touching ``bn``'s buffers: where ``bn`` would update its running
     statistics, the batch mean and unbiased variance are appended to ``batch_stats`` instead
-    (:func:`_update_running_stats` applies them), so that a recomputation is free of effects."""
+    (:func:`_update_running_stats` applies them), so that a recomputation is free of effects.
+    A synchronising SyncBatchNorm reduces the statistics over its processes."""
+    if _synchronises(bn):
+        return _sync_batch_norm(x, bn, batch_stats)
     if not _uses_batch_stats(bn):
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.,
                             bn.eps)
@@ -707,6 +751,14 @@ class DistributedLocalAttention(nn.Module):
         Under autograd the backward recomputes the expanded maps: besides ``attn`` (kept by the
         computing block anyway) at most one (B, H, L, L) map is kept, instead of ~15 map-sized
         tensors of the module formulation (what bounded the training memory).
+
+        BatchNorms: BatchNorm2d, mmengine's ``_BatchNormXd`` and SyncBatchNorm outside a
+        multi-process run take the chunked paths. A SyncBatchNorm that synchronises (training,
+        several processes) takes the recomputed formulation with its statistics all-reduced
+        (:func:`_sync_batch_norm`): it keeps ``attn`` and the mask as well, but its backward
+        recomputes the whole expanded maps of the block at once (~15 map-sized tensors while
+        one sharing block's backward runs). Running statistics are updated once per forward,
+        never by a recomputation. BatchNorms with a forward of their own run module by module.
         """
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
@@ -716,7 +768,7 @@ class DistributedLocalAttention(nn.Module):
             layout = _padded_window_layout(*windows, len(attn),
                                            self.depth_sep_conv.kernel_size[0] // 2, attn.device)
         if len(train_norms) == len(norms) and self.depth_sep_conv.kernel_size[0] % 2 and all(
-                type(bn) is nn.BatchNorm2d and bn.affine for bn in norms):
+                _normalises_locally(bn) and bn.affine for bn in norms):
             out, *stats = _RefineWithBatchStats.apply(
                 attn, mask, self.conv_exp.weight, self.bn1.weight, self.bn1.bias,
                 self.depth_sep_conv.weight, self.bn2.weight, self.bn2.bias, self.conv_pro.weight,
@@ -729,9 +781,9 @@ class DistributedLocalAttention(nn.Module):
         if not train_norms:
             fn = partial(self._refine_folded, out_norm=out_norm, scale=scale,
                          chunk_elements=chunk_elements, layout=layout)
-        elif all(type(bn) is nn.BatchNorm2d for bn in train_norms):
+        elif all(_normalises_locally(bn) or _synchronises(bn) for bn in train_norms):
             fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
-        else:  # e.g. SyncBatchNorm in training: its own forward gathers the statistics
+        else:  # BatchNorms with a forward of their own
             out = out_norm(self(attn, mask)).mul_(scale)
             return out if mask is None else out.masked_fill_(~mask, 0.)
         if torch.is_grad_enabled() and (attn.requires_grad or
@@ -1019,7 +1071,9 @@ class RefinerViT(PyramidBackbone):
         with_cls_token: keep the class token (needs ``global_attn_indexes='all'``); it is
             dropped from the pyramid inputs.
         pyramid_block_indexes: for each of the 4 pyramid levels, the block whose output feeds
-            it; default the last block for every level (ViTDet).
+            it; default the last block for every level (ViTDet). Blocks after the last one
+            feeding a level in ``out_indices`` are not built (they would get no gradient, which
+            stops DDP without ``find_unused_parameters``); their checkpoint keys are skipped.
         qkv_bias, dla_expansion, dla_kernel_size: as the public models (True, 3, 3).
         out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
         frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
@@ -1108,11 +1162,13 @@ class RefinerViT(PyramidBackbone):
             torch.zeros(1, self.num_extra_tokens + self.pos_grid[0] * self.pos_grid[1],
                         embed_dims))
         rates = drop_path_rates(drop_path_rate, num_layers)
+        # blocks after the last one feeding an output would get no gradient: not built
         self.blocks = nn.ModuleList([
             RefinerBlock(embed_dims, num_heads, mlp_ratio, share=i % 2 == 1,
                          window_size=0 if i in global_blocks else window_size,
                          qkv_bias=qkv_bias, drop_path=rates[i], dla_expansion=dla_expansion,
-                         dla_kernel_size=dla_kernel_size) for i in range(num_layers)
+                         dla_kernel_size=dla_kernel_size)
+            for i in range(self._feature_blocks[-1] + 1)
         ])
         self.pyramid = SimpleFeaturePyramid(embed_dims, self.out_indices)
         self._add_out_norms(self.num_features, LayerNorm2d)
@@ -1158,7 +1214,7 @@ class RefinerViT(PyramidBackbone):
                 continue
             key = key.replace('.attn.DLA.', '.attn.dla.')
             parts = key.split('.')
-            if (parts[0] == 'blocks' and parts[1].isdigit() and int(parts[1]) < self.num_layers
+            if (parts[0] == 'blocks' and parts[1].isdigit() and int(parts[1]) < len(self.blocks)
                     and parts[2:4] == ['attn', 'qkv'] and self.blocks[int(parts[1])].attn.share):
                 key = '.'.join(parts[:3] + ['v'] + parts[4:])
             converted[key] = value
@@ -1181,6 +1237,13 @@ class RefinerViT(PyramidBackbone):
         grid_embed = resample_abs_pos_embed(pos_embed[:, extra:], self.pos_grid, (grid, grid),
                                             num_prefix_tokens=0, antialias=False)
         return torch.cat([pos_embed[:, :self.num_extra_tokens], grid_embed], dim=1)
+
+    def unbuilt_key_prefixes(self) -> Tuple[str, ...]:
+        """The output norms and pyramid levels not in ``out_indices``, and the blocks after the
+        last one feeding a level."""
+        levels = [i for i in range(len(PYRAMID_STRIDES)) if i not in self.out_indices]
+        return tuple([f'out_norm{i}.' for i in levels] + [f'pyramid.level{i}.' for i in levels]
+                     + [f'blocks.{i}.' for i in range(len(self.blocks), self.num_layers)])
 
     # -- freezing ----------------------------------------------------------------------------
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
@@ -1223,8 +1286,13 @@ class RefinerViT(PyramidBackbone):
         """(B, in_channels, H, W) -> the outputs of ``blocks`` (ascending block indices;
         default: the blocks feeding the returned levels) as (B, extra + h*w, C), class token
         first, and the token grid (h, w) = (ceil(H/16), ceil(W/16)). Blocks after the last
-        one asked for do not run."""
-        blocks = self._feature_blocks if blocks is None else blocks
+        one asked for do not run; blocks after the last one feeding an output are not built."""
+        if blocks is None:
+            blocks = self._feature_blocks
+        elif blocks[-1] >= len(self.blocks):
+            raise ValueError(f'blocks={tuple(blocks)} is invalid: blocks 0..{len(self.blocks) - 1} '
+                             f'are built (the last one feeding out_indices={self.out_indices} '
+                             f'through pyramid_block_indexes={self.pyramid_block_indexes})')
         self.check_input(x)
         x = self.patch_embed(x)
         b, _, h, w = x.shape
@@ -1241,7 +1309,7 @@ class RefinerViT(PyramidBackbone):
                     block.attn.window_size != self.blocks[i - 1].attn.window_size:
                 attn = None  # window maps and global maps differ in shape: a new chain starts
             if self.with_cp and x.requires_grad:
-                x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
+                x, attn = checkpoint(block, x, attn, (h, w))
             else:
                 x, attn = block(x, attn, (h, w))
             if contains(blocks, i):

@@ -21,8 +21,14 @@ padding (up to N slots) costs time and no graph is captured, the same code runs 
 attention runs on s query slots per group, the real tokens of each group and fewer than G
 padding slots in all, which are masked out as keys and never read back as queries.
 
-The clustering runs in float32 (float64 for float64 inputs) with autocast off, whatever the
-compute dtype: bf16 sort keys would take hundreds of distinct values for thousands of tokens.
+The clustering runs with autocast off, whatever the compute dtype (bf16 sort keys would take
+hundreds of distinct values for thousands of tokens): in float32 on the CPU and MPS, in float64
+for float64 inputs and on other devices (GPUs). There its products (scores against the
+centroids, centroid sums) keep full precision whatever ``torch.backends.cuda.matmul.allow_tf32``
+or ``torch.set_float32_matmul_precision`` say: TF32 products (10-bit mantissa), which the
+assignment's sharpness of 100 amplifies, move many tokens to other groups than the float32 or
+float64 clustering (docs/training.md). The cost: the clustered features (no gradient, freed
+after the clustering) take twice the memory, and the products with two centroids run in float64.
 """
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
@@ -215,9 +221,17 @@ def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> tor
     return torch.arange(0, rows * shape.num_slots, 4 * shape.group_slots, device=device)
 
 
+def clustering_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 features and on devices whose float32 products may run in TF32
+    (every device but the CPU and MPS); else float32."""
+    if x.dtype == torch.float64 or x.device.type not in ('cpu', 'mps'):
+        return torch.float64
+    return torch.float32
+
+
 def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(..., N, d) features -> the slot features of :func:`cluster_slots`, float32 (float64 for
-    float64 inputs): (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
+    """(..., N, d) features -> the slot features of :func:`cluster_slots`, in
+    :func:`clustering_dtype`: (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
     features: unit features, 1, the padding flag and the slot's token (N for padding).
 
     This is the only step whose work depends on N; its outputs have the static shapes of
@@ -226,7 +240,7 @@ def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, t
     num_tokens, dim = x.shape[-2:]
     if is_concrete(num_tokens) and num_tokens != layout.num_tokens:
         raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = clustering_dtype(x)
     # padding slots read a zero token N
     tokens = torch.cat([x.to(dtype), x.new_zeros(*x.shape[:-2], 1, dim, dtype=dtype)], -2)
     raw = tokens.view(-1, num_tokens + 1, dim).index_select(1, layout.slot_tokens)
@@ -297,8 +311,8 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
 @torch.no_grad()
 def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
                         sharpness: float = 100.) -> torch.Tensor:
-    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``, in float32
-    (float64 for float64 inputs) whatever the autocast state.
+    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``, in
+    :func:`clustering_dtype` whatever the autocast state.
 
     Args:
         x: (..., N, d) features (one matrix per image and head; any strides and dtype).
@@ -448,4 +462,5 @@ class FeatureSpaceLocalAttention(nn.Module):
 
 __all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
                       'balanced_clustering', 'build_group_layout', 'cluster_slots',
+                      'clustering_dtype',
                       'group_layout', 'num_levels', 'slot_features']

@@ -563,6 +563,35 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
         torch.testing.assert_close(buf, ref_buf, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('grid', [(9, 11), (3, 3)])
+@pytest.mark.parametrize('accumulate', [False, True])
+def test_pieces_scatter_back_with_one_operation_or_one_per_window(monkeypatch, grid,
+                                                                  accumulate):
+    """``_MapPiece.scatter_`` one ``index_copy_``/``index_add_`` per window (the CPU's) or one
+    over the flattened maps (other devices'): both set (add to) exactly the entries that
+    ``gather`` reads, bit for bit, and leave every other entry; pieces of some windows (a 9x11
+    grid of 4x4 windows) and of all windows (a 3x3 grid: one partial window per image)."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    window, batch, heads = 4, 2, 3
+    num_maps = batch * math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
+    pieces, _ = refiner_vit._padded_window_layout(grid, window, num_maps, 1, torch.device('cpu'))
+    assert any(p.entries is not None for p in pieces)
+    assert any(p.windows is None for p in pieces) == (grid == (3, 3))
+    g = torch.Generator().manual_seed(13)
+    for piece in pieces:
+        full = torch.randn(num_maps, heads, window**2, window**2, generator=g, dtype=torch.float64)
+        values = torch.randn(piece.gather(full).shape, generator=g, dtype=torch.float64)
+        results = []
+        for per_window in (True, False):
+            monkeypatch.setattr(refiner_vit, '_scatter_per_window_on',
+                                lambda _, per_window=per_window: per_window)
+            results.append(piece.scatter_(full.clone(), values, accumulate))
+        assert torch.equal(results[0], results[1])
+        expected = piece.gather(full) + values if accumulate else values
+        assert torch.equal(piece.gather(results[1]), expected)
+        assert int((results[1] != full).sum()) == values.numel()
+
+
 def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
     """Output, map gradient and parameter gradients of two :func:`_refine_step` results: each
     within ``rel`` of the largest value of its reference (parameters: of all of them)."""

@@ -70,11 +70,9 @@ _MIN_CHUNK_ROWS = 16
 # :data:`_AUTO_REFINER_IMPL` names for the input's device type.
 REFINER_IMPLS = ('auto', 'fused', 'reference')
 REFINER_IMPL_ENV = 'MMVIT_REFINER_IMPL'
-# 'auto' per device type. 'cpu': measured, the fused path's training step is faster and keeps
-# ~4 instead of ~15 map-sized tensors per sharing block. Elsewhere (not measured on a GPU) also
-# 'fused', for its memory: the reference path's training memory grows by ~11 map-sized tensors
-# per sharing block (a global block at 800x1216 and batch 2: tens of GB); with the larger chunks
-# off the CPU the fused path dispatches about as many operators as the reference path.
+# 'auto' per device type (docs/devices.md has the measurements): 'cpu' measured, the fused
+# path is faster there and needs less memory. Elsewhere not measured: 'fused' for its bounded
+# training memory, although it dispatches more operators (kernel launches) than 'reference'.
 _AUTO_REFINER_IMPL: Dict[str, str] = {'cpu': 'fused'}
 _AUTO_REFINER_IMPL_DEFAULT = 'fused'
 
@@ -102,6 +100,14 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the refiner's sums of statistics: float64, float32 on ``mps`` (which has
     no float64)."""
     return torch.float32 if device.type == 'mps' else torch.float64
+
+
+def _scatter_per_window_on(device: torch.device) -> bool:
+    """Whether the refiner writes a piece of the padded-window maps back with one
+    ``index_copy_`` per window (measured faster on the CPU: 24 against 28 ms per Refiner-ViT-S
+    training step at 512x512) rather than with one over the flattened maps (elsewhere: one
+    kernel launch instead of one per window)."""
+    return device.type == 'cpu'
 
 
 def _channels_last_on(device: torch.device) -> bool:
@@ -271,6 +277,7 @@ class _MapPiece:
 
     def __init__(self, windows: Optional[List[int]] = None, tokens: Optional[List[int]] = None,
                  size: int = 0, device: Optional[torch.device] = None):
+        self.window_list = windows
         self.windows = None if windows is None else torch.tensor(windows, device=device)
         self.num_tokens = None if tokens is None else len(tokens)
         index = None if tokens is None else torch.tensor(tokens, device=device)
@@ -306,8 +313,13 @@ class _MapPiece:
         if self.entries is None:
             fn = full.index_add_ if accumulate else full.index_copy_
             return fn(0, self.windows, values)
-        # one operation over the flattened maps, not one per window (a kernel launch each
-        # off the CPU); on the CPU as fast as the loop over windows
+        if _scatter_per_window_on(full.device):
+            flat, values = full.flatten(2), values.flatten(2)
+            windows = range(len(full)) if self.window_list is None else self.window_list
+            for i, w in enumerate(windows):
+                fn = flat[w].index_add_ if accumulate else flat[w].index_copy_
+                fn(1, self.entries, values[i])
+            return full
         flat = full.view(-1)
         fn = flat.index_add_ if accumulate else flat.index_copy_
         fn(0, self._flat_index(full), values.reshape(-1))

@@ -685,8 +685,8 @@ def test_refiner_compiles_in_one_graph(train):
 def test_refiner_impl_from_the_argument_else_the_environment_variable_at_build(monkeypatch):
     """``refiner_impl`` (checked, naming the allowed values) wins over ``MMVIT_REFINER_IMPL``
     (checked too), which wins over 'auto'; every refiner takes the model's choice when the
-    model is built, a later change of the environment changes nothing; the timm model passes
-    the argument on."""
+    model is built, a later change of the environment changes nothing, assigning the model's
+    attribute changes every refiner's; the timm model passes the argument on."""
     from mmvit_plugins.models.timm_models import RefinerViTClassifier
 
     def impls(model):
@@ -700,6 +700,10 @@ def test_refiner_impl_from_the_argument_else_the_environment_variable_at_build(m
     assert model.refiner_impl == 'reference' and impls(model) == {'reference'}
     assert impls(RefinerViT(**TINY)) == {'fused'}
     assert impls(RefinerViT(**TINY, refiner_impl='auto')) == {'auto'}
+    model.refiner_impl = 'auto'
+    assert model.refiner_impl == 'auto' and impls(model) == {'auto'}
+    with pytest.raises(ValueError, match='refiner_impl=.gpu. is invalid'):
+        model.refiner_impl = 'gpu'
     timm_model = RefinerViTClassifier(arch=TINY_ARCH, window_size=4, refiner_impl='reference')
     assert impls(timm_model) == {'reference'}
     with pytest.raises(ValueError, match=r"refiner_impl='cuda' is invalid; allowed values: "

@@ -1112,7 +1112,7 @@ class RefinerViT(PyramidBackbone):
             block in training), ``'reference'`` (module by module: plain convs and
             BatchNorms), ``'auto'`` (per device type, see docs/devices.md); None (default):
             the environment variable ``MMVIT_REFINER_IMPL``, else ``'auto'``. Decided when
-            the model is built.
+            the model is built; assigning the attribute ``refiner_impl`` changes it.
         out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
         frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
             class token) and the first k blocks; ``num_layers`` freezes every parameter
@@ -1173,7 +1173,7 @@ class RefinerViT(PyramidBackbone):
             raise ValueError(f'pretrain_img_size={pretrain_img_size} is invalid; allowed values: '
                              f'multiples of the patch size {PATCH_SIZE}')
         check_probability('drop_path_rate', drop_path_rate)
-        self.refiner_impl = resolve_refiner_impl(refiner_impl)
+        refiner_impl = resolve_refiner_impl(refiner_impl)
         global_blocks = self._check_global_blocks(global_attn_indexes, num_layers)
         if with_cls_token and len(global_blocks) != num_layers:
             raise ValueError("with_cls_token=True needs global_attn_indexes='all': windows hold "
@@ -1206,12 +1206,26 @@ class RefinerViT(PyramidBackbone):
             RefinerBlock(embed_dims, num_heads, mlp_ratio, share=i % 2 == 1,
                          window_size=0 if i in global_blocks else window_size,
                          qkv_bias=qkv_bias, drop_path=rates[i], dla_expansion=dla_expansion,
-                         dla_kernel_size=dla_kernel_size, refiner_impl=self.refiner_impl)
+                         dla_kernel_size=dla_kernel_size, refiner_impl=refiner_impl)
             for i in range(num_layers)
         ])
+        self._refiner_impl = refiner_impl
         self.pyramid = SimpleFeaturePyramid(embed_dims, self.out_indices)
         self._add_out_norms(self.num_features, LayerNorm2d)
         self._finish_init()
+
+    @property
+    def refiner_impl(self) -> str:
+        """The refiners' implementation (see ``refiner_impl`` in the class docs); assigning it
+        (None: ``MMVIT_REFINER_IMPL``, else ``'auto'``) sets every refiner's."""
+        return self._refiner_impl
+
+    @refiner_impl.setter
+    def refiner_impl(self, impl: Optional[str]) -> None:
+        impl = self._refiner_impl = resolve_refiner_impl(impl)
+        for block in self.blocks:
+            if block.attn.share:
+                block.attn.dla.refiner_impl = impl
 
     @staticmethod
     def _check_global_blocks(indexes: Union[None, str, Sequence[int]],

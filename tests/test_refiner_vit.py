@@ -563,6 +563,35 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
         torch.testing.assert_close(buf, ref_buf, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('grid', [(9, 11), (3, 3)])
+@pytest.mark.parametrize('accumulate', [False, True])
+def test_pieces_scatter_back_with_one_operation_or_one_per_window(monkeypatch, grid,
+                                                                  accumulate):
+    """``_MapPiece.scatter_`` one ``index_copy_``/``index_add_`` per window (the CPU's) or one
+    over the flattened maps (other devices'): both set (add to) exactly the entries that
+    ``gather`` reads, bit for bit, and leave every other entry; pieces of some windows (a 9x11
+    grid of 4x4 windows) and of all windows (a 3x3 grid: one partial window per image)."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    window, batch, heads = 4, 2, 3
+    num_maps = batch * math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
+    pieces, _ = refiner_vit._padded_window_layout(grid, window, num_maps, 1, torch.device('cpu'))
+    assert any(p.entries is not None for p in pieces)
+    assert any(p.windows is None for p in pieces) == (grid == (3, 3))
+    g = torch.Generator().manual_seed(13)
+    for piece in pieces:
+        full = torch.randn(num_maps, heads, window**2, window**2, generator=g, dtype=torch.float64)
+        values = torch.randn(piece.gather(full).shape, generator=g, dtype=torch.float64)
+        results = []
+        for per_window in (True, False):
+            monkeypatch.setattr(refiner_vit, '_scatter_per_window_on',
+                                lambda _, per_window=per_window: per_window)
+            results.append(piece.scatter_(full.clone(), values, accumulate))
+        assert torch.equal(results[0], results[1])
+        expected = piece.gather(full) + values if accumulate else values
+        assert torch.equal(piece.gather(results[1]), expected)
+        assert int((results[1] != full).sum()) == values.numel()
+
+
 def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
     """Output, map gradient and parameter gradients of two :func:`_refine_step` results: each
     within ``rel`` of the largest value of its reference (parameters: of all of them)."""
@@ -650,3 +679,117 @@ def test_refiner_compiles_in_one_graph(train):
     for a, b in zip(comp, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
     _assert_grads_close(comp_grads, eager_grads)
+
+
+# -- refiner_impl: the fused and the reference implementation --------------------------------
+def test_refiner_impl_from_the_argument_else_the_environment_variable_at_build(monkeypatch):
+    """``refiner_impl`` (checked, naming the allowed values) wins over ``MMVIT_REFINER_IMPL``
+    (checked too), which wins over 'auto'; every refiner takes the model's choice when the
+    model is built, a later change of the environment changes nothing, assigning the model's
+    attribute changes every refiner's; the timm model passes the argument on."""
+    from mmvit_plugins.models.timm_models import RefinerViTClassifier
+
+    def impls(model):
+        return {m.refiner_impl for name, m in model.named_modules() if name.endswith('.dla')}
+
+    monkeypatch.delenv('MMVIT_REFINER_IMPL', raising=False)
+    assert impls(RefinerViT(**TINY)) == {'auto'}
+    monkeypatch.setenv('MMVIT_REFINER_IMPL', 'reference')
+    model = RefinerViT(**TINY)
+    monkeypatch.setenv('MMVIT_REFINER_IMPL', 'fused')
+    assert model.refiner_impl == 'reference' and impls(model) == {'reference'}
+    assert impls(RefinerViT(**TINY)) == {'fused'}
+    assert impls(RefinerViT(**TINY, refiner_impl='auto')) == {'auto'}
+    model.refiner_impl = 'auto'
+    assert model.refiner_impl == 'auto' and impls(model) == {'auto'}
+    with pytest.raises(ValueError, match='refiner_impl=.gpu. is invalid'):
+        model.refiner_impl = 'gpu'
+    timm_model = RefinerViTClassifier(arch=TINY_ARCH, window_size=4, refiner_impl='reference')
+    assert impls(timm_model) == {'reference'}
+    with pytest.raises(ValueError, match=r"refiner_impl='cuda' is invalid; allowed values: "
+                                         r"\('auto', 'fused', 'reference'\)"):
+        RefinerViT(**TINY, refiner_impl='cuda')
+    monkeypatch.setenv('MMVIT_REFINER_IMPL', 'Fused')
+    with pytest.raises(ValueError, match=r"MMVIT_REFINER_IMPL='Fused' is invalid; allowed "
+                                         r"values: \('auto', 'fused', 'reference'\)"):
+        RefinerViT(**TINY)
+
+
+def _refiner_step(model: RefinerViT, img: torch.Tensor):
+    """Outputs, input gradient, parameter gradients and buffers after one forward + backward
+    of a weighted sum of the outputs (the out norms make the plain sum's gradient vanish)."""
+    img = img.clone().requires_grad_()
+    outs = model(img)
+    sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum()
+        for o in outs).backward()
+    return (outs, img.grad, {k: p.grad for k, p in model.named_parameters()},
+            dict(model.named_buffers()))
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval', 'train_norm_eval'])
+@pytest.mark.parametrize('size', [(87, 121), (64, 128)])
+def test_fused_and_reference_refiner_impls_agree(mode, size):
+    """The two implementations of every refiner, windowed (blocks 0, 1: partial windows at the
+    odd size, whole windows at 64x128) and global (blocks 2, 3), in float64: the same outputs,
+    image and parameter gradients and BN running statistics after a training step, whichever
+    BN statistics the refiners use."""
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    results = []
+    for impl in ('fused', 'reference'):
+        torch.manual_seed(0)
+        model = RefinerViT(**TINY, norm_eval=mode == 'train_norm_eval', refiner_impl=impl)
+        results.append(_refiner_step(model.double().train(mode != 'eval'), img))
+    (outs, img_grad, grads, buffers), (ref_outs, ref_img_grad, ref_grads, ref_buffers) = results
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    torch.testing.assert_close(img_grad, ref_img_grad, rtol=0,
+                               atol=1e-9 * float(ref_img_grad.abs().max()))
+    _assert_grads_close(grads, ref_grads, 1e-9)
+    assert buffers.keys() == ref_buffers.keys()
+    for k, ref in ref_buffers.items():
+        torch.testing.assert_close(buffers[k], ref, rtol=1e-10, atol=1e-12, msg=k)
+    if mode == 'train':  # the refiners' running statistics moved
+        assert not torch.equal(buffers['blocks.1.attn.dla.bn2.running_var'],
+                               torch.ones_like(buffers['blocks.1.attn.dla.bn2.running_var']))
+
+
+@pytest.mark.parametrize('device', ['cpu', 'meta'])
+@pytest.mark.parametrize('impl', ['auto', 'fused', 'reference'])
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_refiner_impl_runs_the_chosen_path_on_every_device(monkeypatch, device, impl, mode):
+    """Each implementation of a refiner on padded windows (a 9x11 grid of 4x4 windows) on each
+    device the tests reach ('meta' takes the non-CPU branches: chunk sizes, 'auto''s default):
+    the path it names runs (for 'auto' the one chosen for the device type), the output and the
+    gradients of the map and of every parameter have their shapes and are on the device. In
+    eval mode on 'meta' without autograd: the eval path under autograd recomputes in its
+    backward through ``torch.utils.checkpoint``, which has no 'meta' device module."""
+    from mmvit_plugins.models.backbones import refiner_vit
+    from mmvit_plugins.models.layers import window_padding_mask
+    calls = []
+    reference = refiner_vit.DistributedLocalAttention._refine_reference
+    monkeypatch.setattr(refiner_vit.DistributedLocalAttention, '_refine_reference',
+                        lambda self, *args: calls.append(self) or reference(self, *args))
+    grid, window, heads = (9, 11), 4, 4
+    valid = ~window_padding_mask(grid, window, torch.device(device)).repeat(2, 1)
+    mask = valid[:, None, :, None] & valid[:, None, None, :]
+    with torch.device(device):
+        dla = refiner_vit.DistributedLocalAttention(heads, refiner_impl=impl)
+        adapt_bn = torch.nn.BatchNorm2d(heads)
+        attn = torch.rand(len(valid), heads, window**2, window**2).softmax(-1) * mask
+    grad = mode == 'train' or device == 'cpu'
+    attn.requires_grad_(grad)
+    dla.train(mode == 'train')
+    adapt_bn.train(mode == 'train')
+    with torch.set_grad_enabled(grad):
+        out = dla.refine(attn, adapt_bn, 0.125, mask, (grid, window))
+    chosen = refiner_vit.refiner_impl_on(impl, torch.device(device))
+    assert chosen == (impl if impl != 'auto' else 'fused')
+    assert calls == ([dla] if chosen == 'reference' else [])
+    assert out.shape == attn.shape and out.device.type == device
+    assert all(b.device.type == device for b in dla.buffers())
+    if grad:
+        out.sum().backward()
+        params = [*dla.parameters(), *adapt_bn.parameters()]
+        assert attn.grad.shape == attn.shape and attn.grad.device.type == device
+        assert all(p.grad.shape == p.shape and p.grad.device.type == device for p in params)

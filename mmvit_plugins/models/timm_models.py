@@ -331,7 +331,8 @@ class RefinerViTClassifier(_TimmModel):
             use, so that every parameter of the classifier is trained.
         with_cls_token, global_attn_indexes: the backbone's, defaults as the public classifier
             (a class token, global attention in every block).
-        **kwargs: the backbone's other arguments (``arch``, ``drop_path_rate``, ...).
+        **kwargs: the backbone's other arguments (``arch``, ``drop_path_rate``,
+            ``refiner_impl``, ...).
     """
     backbone_cls = RefinerViT
     head_prefixes = ('head.', 'aux_head.', 'norm.')

@@ -8,6 +8,7 @@ map) and a few globally, and a simple feature pyramid turns the stride-16 tokens
 4/8/16/32.
 """
 import math
+import os
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -64,6 +65,57 @@ _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
 _CHUNK_ELEMENTS = {'cpu': 1 << 20}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 26
 _MIN_CHUNK_ROWS = 16
+
+# The refiner's implementations (``refiner_impl``): 'fused' the hand-written chunked passes
+# (:class:`_RefineWithBatchStats`, :meth:`DistributedLocalAttention._refine_folded`), 'reference'
+# the module-by-module formulation (:meth:`DistributedLocalAttention.forward`), 'auto' the one
+# :data:`_AUTO_REFINER_IMPL` names for the input's device type.
+REFINER_IMPLS = ('auto', 'fused', 'reference')
+REFINER_IMPL_ENV = 'MMVIT_REFINER_IMPL'
+# 'auto' per device type (docs/devices.md has the measurements): 'cpu' measured, the fused
+# path is faster there and needs less memory. Elsewhere not measured: 'fused' for its bounded
+# training memory, although it dispatches more operators (kernel launches) than 'reference'.
+_AUTO_REFINER_IMPL: Dict[str, str] = {'cpu': 'fused'}
+_AUTO_REFINER_IMPL_DEFAULT = 'fused'
+
+
+def resolve_refiner_impl(impl: Optional[str] = None) -> str:
+    """The refiner implementation a module built now uses: ``impl``, or when None the
+    environment variable ``MMVIT_REFINER_IMPL`` (unset: ``'auto'``); checked."""
+    name = 'refiner_impl'
+    if impl is None:
+        name, impl = REFINER_IMPL_ENV, os.environ.get(REFINER_IMPL_ENV) or 'auto'
+    if impl not in REFINER_IMPLS:
+        raise ValueError(f'{name}={impl!r} is invalid; allowed values: {REFINER_IMPLS}')
+    return impl
+
+
+def refiner_impl_on(impl: str, device: torch.device) -> str:
+    """``'fused'`` or ``'reference'``: what ``impl`` (see :data:`REFINER_IMPLS`) runs on
+    ``device``."""
+    if impl != 'auto':
+        return impl
+    return _AUTO_REFINER_IMPL.get(device.type, _AUTO_REFINER_IMPL_DEFAULT)
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the refiner's sums of statistics: float64, float32 on ``mps`` (which has
+    no float64)."""
+    return torch.float32 if device.type == 'mps' else torch.float64
+
+
+def _scatter_per_window_on(device: torch.device) -> bool:
+    """Whether the refiner writes a piece of the padded-window maps back with one
+    ``index_copy_`` per window (measured faster on the CPU: 24 against 28 ms for the write-backs
+    of a training step of an all-windowed Refiner-ViT-S at 512x512) rather than with one over
+    the flattened maps (elsewhere: one kernel launch instead of one per window)."""
+    return device.type == 'cpu'
+
+
+def _channels_last_on(device: torch.device) -> bool:
+    """Whether the stem and the pyramid's inputs use channels-last maps and the stem's last
+    conv runs as one matrix product: measured faster on the CPU (oneDNN) only."""
+    return device.type == 'cpu'
 
 
 def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -232,7 +284,7 @@ def _merge_moments(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]
     where the device has it."""
     count, mean, m2 = 0, 0., 0.
     for n, chunk_mean, chunk_var in moments:
-        dtype = torch.float32 if chunk_mean.device.type == 'mps' else torch.float64
+        dtype = _accumulation_dtype(chunk_mean.device)
         chunk_mean, chunk_var = chunk_mean.to(dtype), chunk_var.to(dtype)
         delta = chunk_mean - mean
         total = count + n
@@ -276,6 +328,20 @@ class _MapPiece:
         # the entries' indices in the flattened size x size maps
         self.entries = None if index is None else (index[:, None] * size + index).flatten()
         self.whole = windows is None and tokens is None
+        self._flat_indices: Dict[Tuple[int, ...], torch.Tensor] = {}
+
+    def _flat_index(self, full: torch.Tensor) -> torch.Tensor:
+        """The indices of the piece's entries in ``full.view(-1)``, in the order of the gathered
+        (B', C, T, T) values: (B' * C * T * T,), cached per shape of ``full``."""
+        shape = tuple(full.shape)
+        if shape not in self._flat_indices:
+            b, c = shape[:2]
+            windows = torch.arange(b, device=full.device) if self.windows is None \
+                else self.windows
+            maps = windows[:, None] * c + torch.arange(c, device=full.device)
+            self._flat_indices[shape] = (maps[:, :, None] * shape[2] * shape[3]
+                                         + self.entries).flatten()
+        return self._flat_indices[shape]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.windows is not None:
@@ -291,11 +357,16 @@ class _MapPiece:
         if self.entries is None:
             fn = full.index_add_ if accumulate else full.index_copy_
             return fn(0, self.windows, values)
-        flat, values = full.flatten(2), values.flatten(2)
-        windows = range(len(full)) if self.window_list is None else self.window_list
-        for i, w in enumerate(windows):
-            fn = flat[w].index_add_ if accumulate else flat[w].index_copy_
-            fn(1, self.entries, values[i])
+        if _scatter_per_window_on(full.device):
+            flat, values = full.flatten(2), values.flatten(2)
+            windows = range(len(full)) if self.window_list is None else self.window_list
+            for i, w in enumerate(windows):
+                fn = flat[w].index_add_ if accumulate else flat[w].index_copy_
+                fn(1, self.entries, values[i])
+            return full
+        flat = full.view(-1)
+        fn = flat.index_add_ if accumulate else flat.index_copy_
+        fn(0, self._flat_index(full), values.reshape(-1))
         return full
 
 
@@ -438,7 +509,7 @@ class _RefineWithBatchStats(torch.autograd.Function):
         """Mean (H,) and biased covariance (H, H) of the heads of ``a`` over batch, rows and
         columns, accumulated in float64 where the device has it."""
         b, h, n, _ = a.shape
-        acc = torch.float32 if a.device.type == 'mps' else torch.float64
+        acc = _accumulation_dtype(a.device)
         center = a.mean(dim=(0, 2, 3))
         shift, cov = 0., 0.
         for r0, r1 in chunks:
@@ -712,14 +783,19 @@ class DistributedLocalAttention(nn.Module):
     act like the conv's own zero padding.
 
     :meth:`forward` is this formulation, module by module. The sharing block calls
-    :meth:`refine`, the same numbers computed for speed and memory: the 1x1 convs as matrix
-    products over the head axis producing channels-last maps (the depthwise conv's fast layout),
-    BatchNorms that use running statistics folded into the convs, in-place activations, and
-    under autograd the maps recomputed in the backward instead of stored.
+    :meth:`refine`, which with ``refiner_impl`` (see :func:`refiner_impl_on`) ``'reference'``
+    runs it and with ``'fused'`` computes the same numbers for speed and memory: the 1x1 convs
+    as matrix products over the head axis producing channels-last maps (the depthwise conv's
+    fast layout), BatchNorms that use running statistics folded into the convs, in-place
+    activations, and under autograd the maps recomputed in the backward instead of stored.
+    ``refiner_impl`` is resolved when the module is built (:func:`resolve_refiner_impl`; None:
+    the environment variable ``MMVIT_REFINER_IMPL``) and may be reassigned later.
     """
 
-    def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3):
+    def __init__(self, num_heads: int, expansion: int = 3, kernel_size: int = 3,
+                 refiner_impl: Optional[str] = None):
         super().__init__()
+        self.refiner_impl = resolve_refiner_impl(refiner_impl)
         hidden = num_heads * expansion
         self.conv_exp = nn.Conv2d(num_heads, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
@@ -762,6 +838,8 @@ class DistributedLocalAttention(nn.Module):
         """
         norms = (self.bn1, self.bn2, self.bn3, out_norm)
         train_norms = [bn for bn in norms if _uses_batch_stats(bn)]
+        if refiner_impl_on(self.refiner_impl, attn.device) == 'reference':
+            return self._refine_reference(attn, out_norm, scale, mask)
         chunk_elements = _chunk_elements(attn.device)
         layout = _WHOLE_MAPS
         if chunk_elements and windows is not None and mask is not None:
@@ -784,8 +862,7 @@ class DistributedLocalAttention(nn.Module):
         elif all(_normalises_locally(bn) or _synchronises(bn) for bn in train_norms):
             fn = partial(self._refine_batch_stats, out_norm=out_norm, scale=scale)
         else:  # BatchNorms with a forward of their own
-            out = out_norm(self(attn, mask)).mul_(scale)
-            return out if mask is None else out.masked_fill_(~mask, 0.)
+            return self._refine_reference(attn, out_norm, scale, mask)
         if torch.is_grad_enabled() and (attn.requires_grad or
                                         any(p.requires_grad for p in self.parameters())):
             out, *batch_stats = cp.checkpoint(fn, attn, mask, use_reentrant=False,
@@ -794,6 +871,12 @@ class DistributedLocalAttention(nn.Module):
             out, *batch_stats = fn(attn, mask)
         _update_running_stats(train_norms, batch_stats)
         return out
+
+    def _refine_reference(self, attn: torch.Tensor, out_norm: nn.modules.batchnorm._BatchNorm,
+                          scale: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`refine` module by module: (B, H, L, L)."""
+        out = out_norm(self(attn, mask)).mul_(scale)
+        return out if mask is None else out.masked_fill_(~mask, 0.)
 
     def _refine_batch_stats(self, attn: torch.Tensor, mask: Optional[torch.Tensor],
                             out_norm: nn.modules.batchnorm._BatchNorm,
@@ -882,7 +965,8 @@ class RefinedAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, share: bool, window_size: int,
-                 qkv_bias: bool = True, dla_expansion: int = 3, dla_kernel_size: int = 3):
+                 qkv_bias: bool = True, dla_expansion: int = 3, dla_kernel_size: int = 3,
+                 refiner_impl: Optional[str] = None):
         super().__init__()
         self.num_heads = num_heads
         self.share = share
@@ -890,7 +974,8 @@ class RefinedAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         if share:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
-            self.dla = DistributedLocalAttention(num_heads, dla_expansion, dla_kernel_size)
+            self.dla = DistributedLocalAttention(num_heads, dla_expansion, dla_kernel_size,
+                                                 refiner_impl)
             self.adapt_bn = nn.BatchNorm2d(num_heads)
         else:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -973,11 +1058,12 @@ class RefinerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, share: bool,
                  window_size: int, qkv_bias: bool = True, drop_path: float = 0.,
-                 dla_expansion: int = 3, dla_kernel_size: int = 3):
+                 dla_expansion: int = 3, dla_kernel_size: int = 3,
+                 refiner_impl: Optional[str] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = RefinedAttention(dim, num_heads, share, window_size, qkv_bias,
-                                     dla_expansion, dla_kernel_size)
+                                     dla_expansion, dla_kernel_size, refiner_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = RefinerMlp(dim, int(dim * mlp_ratio))
@@ -1011,7 +1097,7 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_end(x, ((2, pad_to(h, PATCH_SIZE)), (3, pad_to(w, PATCH_SIZE))))
-        if x.device.type == 'cpu':
+        if _channels_last_on(x.device):
             # oneDNN's fast layout for these full-resolution convs (their backward is a large
             # part of a training step); the (B, C, h, w) output then flattens to tokens
             # without a copy
@@ -1019,7 +1105,7 @@ class ConvPatchEmbed(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
-        if x.device.type == 'cpu' and not torch.jit.is_tracing():
+        if _channels_last_on(x.device) and not torch.jit.is_tracing():
             return self._patchify(x)
         return self.proj(x)
 
@@ -1075,6 +1161,12 @@ class RefinerViT(PyramidBackbone):
             feeding a level in ``out_indices`` are not built (they would get no gradient, which
             stops DDP without ``find_unused_parameters``); their checkpoint keys are skipped.
         qkv_bias, dla_expansion, dla_kernel_size: as the public models (True, 3, 3).
+        refiner_impl: how the refiners compute, the same numbers either way: ``'fused'`` (the
+            hand-written chunked passes: ~4 instead of ~15 map-sized tensors kept per sharing
+            block in training), ``'reference'`` (module by module: plain convs and
+            BatchNorms), ``'auto'`` (per device type, see docs/devices.md); None (default):
+            the environment variable ``MMVIT_REFINER_IMPL``, else ``'auto'``. Decided when
+            the model is built; assigning the attribute ``refiner_impl`` changes it.
         out_indices: pyramid levels returned (strides 4, 8, 16, 32), each after ``out_norm{i}``.
         frozen_stages: -1 (none) or k: freeze the patch embedding, position embedding (and
             class token) and the first k blocks; ``num_layers`` freezes every parameter
@@ -1108,6 +1200,7 @@ class RefinerViT(PyramidBackbone):
                  qkv_bias: bool = True,
                  dla_expansion: int = 3,
                  dla_kernel_size: int = 3,
+                 refiner_impl: Optional[str] = None,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
@@ -1134,6 +1227,7 @@ class RefinerViT(PyramidBackbone):
             raise ValueError(f'pretrain_img_size={pretrain_img_size} is invalid; allowed values: '
                              f'multiples of the patch size {PATCH_SIZE}')
         check_probability('drop_path_rate', drop_path_rate)
+        refiner_impl = resolve_refiner_impl(refiner_impl)
         global_blocks = self._check_global_blocks(global_attn_indexes, num_layers)
         if with_cls_token and len(global_blocks) != num_layers:
             raise ValueError("with_cls_token=True needs global_attn_indexes='all': windows hold "
@@ -1167,12 +1261,26 @@ class RefinerViT(PyramidBackbone):
             RefinerBlock(embed_dims, num_heads, mlp_ratio, share=i % 2 == 1,
                          window_size=0 if i in global_blocks else window_size,
                          qkv_bias=qkv_bias, drop_path=rates[i], dla_expansion=dla_expansion,
-                         dla_kernel_size=dla_kernel_size)
+                         dla_kernel_size=dla_kernel_size, refiner_impl=refiner_impl)
             for i in range(self._feature_blocks[-1] + 1)
         ])
+        self._refiner_impl = refiner_impl
         self.pyramid = SimpleFeaturePyramid(embed_dims, self.out_indices)
         self._add_out_norms(self.num_features, LayerNorm2d)
         self._finish_init()
+
+    @property
+    def refiner_impl(self) -> str:
+        """The refiners' implementation (see ``refiner_impl`` in the class docs); assigning it
+        (None: ``MMVIT_REFINER_IMPL``, else ``'auto'``) sets every refiner's."""
+        return self._refiner_impl
+
+    @refiner_impl.setter
+    def refiner_impl(self, impl: Optional[str]) -> None:
+        impl = self._refiner_impl = resolve_refiner_impl(impl)
+        for block in self.blocks:
+            if block.attn.share:
+                block.attn.dla.refiner_impl = impl
 
     @staticmethod
     def _check_global_blocks(indexes: Union[None, str, Sequence[int]],
@@ -1329,7 +1437,7 @@ class RefinerViT(PyramidBackbone):
         feats = []
         for i in self._output_tokens:
             t = tokens[i][:, self.num_extra_tokens:]
-            if x.device.type == 'cpu':
+            if _channels_last_on(x.device):
                 # a channels-last view, no copy: the pyramid's transposed convs and norms run
                 # faster on it (oneDNN), with the same numbers
                 feats.append(t.reshape(t.shape[0], h, w, self.embed_dims).permute(0, 3, 1, 2))

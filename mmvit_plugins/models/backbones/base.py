@@ -22,7 +22,7 @@ from mmengine.model import BaseModule
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
-from mmvit_plugins.models.layers.capture import contains
+from mmvit_plugins.models.layers.capture import contains, has_autocast
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 from mmvit_plugins.models.layers.window import window_attention_mask
 from mmvit_plugins.utils.checkpoint import (
@@ -176,6 +176,8 @@ def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype every output of a forward has: autocast's where it is on, else the input's."""
     device = x.device.type
+    if not has_autocast(device):
+        return x.dtype
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
         enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     elif device == 'cpu':

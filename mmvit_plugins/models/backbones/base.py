@@ -187,6 +187,12 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype if enabled else x.dtype
 
 
+def has_rng_state(device: torch.device) -> bool:
+    """The device type has a random state for activation checkpointing to save and restore
+    (the CPU's, ``torch.<type>.get_rng_state`` of CUDA and the like); ``meta`` has none."""
+    return device.type == 'cpu' or hasattr(getattr(torch, device.type, None), 'get_rng_state')
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
     """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (timm's rule)."""
     return calculate_drop_path_rates(rate, num_blocks)
@@ -229,7 +235,8 @@ class Stage(nn.Module):
             x = self.downsample(x)
         for block, args in zip(self.blocks, self.block_args(x)):
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, *args, use_reentrant=False)
+                x = cp.checkpoint(block, x, *args, use_reentrant=False,
+                                  preserve_rng_state=has_rng_state(x.device))
             else:
                 x = block(x, *args)
         if self.downsample is None or self.downsample_first:

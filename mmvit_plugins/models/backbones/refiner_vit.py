@@ -44,6 +44,7 @@ from .base import (
     check_number,
     check_probability,
     drop_path_rates,
+    has_rng_state,
     output_dtype,
     resolve_arch,
 )
@@ -1241,7 +1242,8 @@ class RefinerViT(PyramidBackbone):
                     block.attn.window_size != self.blocks[i - 1].attn.window_size:
                 attn = None  # window maps and global maps differ in shape: a new chain starts
             if self.with_cp and x.requires_grad:
-                x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False)
+                x, attn = cp.checkpoint(block, x, attn, (h, w), use_reentrant=False,
+                                        preserve_rng_state=has_rng_state(x.device))
             else:
                 x, attn = block(x, attn, (h, w))
             if contains(blocks, i):

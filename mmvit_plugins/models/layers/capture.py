@@ -18,7 +18,7 @@ Size = Union[int, torch.SymInt, torch.Tensor]
 
 # The device types torch implements autocast for, asked once at import: dynamo does not trace
 # ``torch.amp.is_autocast_available``. A backend that registers later is asked in eager code.
-_AUTOCAST_DEVICE_TYPES = frozenset(
+_AUTOCAST_DEVICE_TYPES = tuple(
     device_type for device_type in ('cpu', 'cuda', 'xpu', 'hpu', 'mps', 'xla', 'ipu', 'mtia',
                                     torch._C._get_privateuse1_backend_name())
     if torch.amp.is_autocast_available(device_type))

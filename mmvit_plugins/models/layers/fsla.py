@@ -181,8 +181,10 @@ def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> t
     unit vector, against the slots' ``[1, padding]`` columns. Real tokens score
     ``sharpness * (s_j + 1)``; padding scores ``(sharpness + big, sharpness)``, so that it takes
     no weight and sorts behind the real tokens."""
-    big = torch.finfo(dtype).max / 16
-    return torch.tensor([[sharpness, big], [sharpness, 0.]], dtype=dtype, device=device)
+    tail = torch.full((2, 2), sharpness, dtype=dtype, device=device)
+    tail[0, 1] = torch.finfo(dtype).max / 16
+    tail[1, 1] = 0.
+    return tail
 
 
 @lru_cache(maxsize=16)
@@ -204,7 +206,7 @@ def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.T
 
 @lru_cache(maxsize=16)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 @size_cache(maxsize=64)

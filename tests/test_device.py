@@ -22,7 +22,7 @@ from .helpers import ROOT
 
 META = torch.device('meta')
 NAMES = sorted(backbones.__all__)
-# a size whose maps pad every family's windows and an odd one (61x75: no stage map is even)
+# an even size and an odd one
 SIZES = ((64, 96), (61, 75))
 TIMM_MODELS = {'BOATSwin': 'boat_swin_tiny', 'BOATCSWin': 'boat_cswin_tiny',
                'MAFormer': 'maformer_tiny', 'RefinerViT': 'refiner_vit_s'}
@@ -106,7 +106,7 @@ def test_timm_model_on_meta(name):
 
 def test_autocast_is_left_alone_where_a_device_has_none():
     """``meta`` has no autocast: the float32 islands (BOAT's clustering, Refiner-ViT's maps)
-    turn off nothing there, and outputs keep the input's dtype; on the CPU they turn it off."""
+    turn off nothing there (torch.autocast('meta') raises); on the CPU they turn it off."""
     assert has_autocast('cpu') and not has_autocast('meta')
     with torch.autocast('cpu', dtype=torch.bfloat16):
         with autocast_off(torch.device('cpu')):

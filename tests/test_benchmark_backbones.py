@@ -135,9 +135,7 @@ def test_one_worker_measures_every_size_and_batch():
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
     assert [(r['input'], r['batch']) for r in rows] == [
         ('64x96', 1), ('64x96', 2), ('61x75', 1), ('61x75', 2)]
-    assert all(r['latency_ms'] > 0 and r['ops'] > 0 for r in rows)
-    # a batch of two dispatches the operators of one
-    assert rows[1]['ops'] == rows[0]['ops']
+    assert all(r['latency_ms'] > 0 and r['ops'] > 0 and r['peak_mb'] >= 0 for r in rows)
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):

@@ -85,20 +85,20 @@ def test_sizes_keep_the_export_levels():
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_compiled_eval_forward_equals_eager(name):
-    model = build(name).eval()
-    x = torch.randn(2, 3, *OTHER_SIZES[0])
+def test_compiled_eval_forward_equals_eager(name, device):
+    model = build(name).eval().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[0], device=device)
     with torch.no_grad():
         assert relative_error(compiled(model)(x), model(x)) <= COMPILE_RTOL
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_inductor_eval_forward_equals_eager(name):
+def test_inductor_eval_forward_equals_eager(name, device):
     """The default backend generates and runs code for every family (its C++ kernels on the
-    CPU), within 1e-4 of eager: what aot_eager does not check (torch 2.4's inductor failed on
-    the window masks' != between booleans)."""
-    model = build(name).eval()
-    x = torch.randn(2, 3, *INDUCTOR_SIZE)
+    CPU, Triton kernels on CUDA), within 1e-4 of eager: what aot_eager does not check (torch
+    2.4's inductor failed on the window masks' != between booleans)."""
+    model = build(name).eval().to(device)
+    x = torch.randn(2, 3, *INDUCTOR_SIZE, device=device)
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, fullgraph=True)(x)
@@ -108,12 +108,12 @@ def test_inductor_eval_forward_equals_eager(name):
 @pytest.mark.parametrize('name,options', [
     (name, options) for name in NAMES
     for options in (dict(), dict(out_indices=(1, 3), frozen_stages=1, with_cp=True))])
-def test_compiled_training_step_equals_eager(name, options):
+def test_compiled_training_step_equals_eager(name, options, device):
     """Forward and backward in train mode (drop path off: the same random draws are not
     guaranteed), outputs and every parameter's gradient."""
-    model = build(name, drop_path_rate=0., **options).train()
-    x = torch.randn(2, 3, *OTHER_SIZES[1])
-    cotangents = [torch.randn(o.shape) for o in model(x)]
+    model = build(name, drop_path_rate=0., **options).train().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[1], device=device)
+    cotangents = [torch.randn(o.shape, device=device) for o in model(x)]
 
     def step(forward: Callable) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         model.zero_grad()
@@ -129,7 +129,8 @@ def test_compiled_training_step_equals_eager(name, options):
 
 
 def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int, int]],
-                          dynamic: Optional[bool], mark: bool) -> int:
+                          dynamic: Optional[bool], mark: bool,
+                          device: torch.device = torch.device('cpu')) -> int:
     """Graphs dynamo compiles for ``model`` (eval) over ``sizes``, each output equal to eager."""
     def equals_eager(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -137,12 +138,12 @@ def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int
         assert [o.shape for o in outs] == [r.shape for r in refs], x.shape
         assert relative_error(outs, refs) <= COMPILE_RTOL, x.shape
 
-    return COUNT_GRAPHS.count_graphs(model, sizes, dynamic, marked=mark,
+    return COUNT_GRAPHS.count_graphs(model, sizes, dynamic, device=device, marked=mark,
                                      check=equals_eager)['graphs']
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_marked_dynamic_sizes_compile_one_graph(name):
+def test_marked_dynamic_sizes_compile_one_graph(name, device):
     """Batch, height and width marked dynamic (``torch._dynamo.maybe_mark_dynamic``): one graph
     serves every size of DYNAMIC_SIZES, equal to eager at each; no guard on a size's value
     (padding or not, parity, square or not)."""
@@ -150,7 +151,8 @@ def test_marked_dynamic_sizes_compile_one_graph(name):
     if hasattr(model, 'fsla_levels'):
         levels = {model.fsla_levels(size[1:]) for size in DYNAMIC_SIZES[name]}
         assert len(levels) == 1, levels
-    assert count_compiled_graphs(model, DYNAMIC_SIZES[name], None, mark=True) == 1
+    assert count_compiled_graphs(model, DYNAMIC_SIZES[name], None, mark=True,
+                                 device=device) == 1
 
 
 def test_dynamic_true_compiles_one_graph_for_every_size():
@@ -162,10 +164,10 @@ def test_dynamic_true_compiles_one_graph_for_every_size():
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_compiled_bf16_autocast_equals_eager(name):
-    model = build(name).eval()
-    x = torch.randn(1, 3, *EXPORT_SIZE)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+def test_compiled_bf16_autocast_equals_eager(name, device):
+    model = build(name).eval().to(device)
+    x = torch.randn(1, 3, *EXPORT_SIZE, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         outs, refs = compiled(model)(x), model(x)
     assert all(o.dtype == torch.bfloat16 for o in outs)
     # the same kernels on the same bf16 values; BOAT's groups are the same (fp32 clustering)
@@ -183,11 +185,11 @@ class _OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_no_host_synchronisation_in_a_forward(name):
+def test_no_host_synchronisation_in_a_forward(name, device):
     """Nothing in a forward (and backward) reads a tensor's value on the host, so that CUDA
     graphs (``mode='reduce-overhead'``) can capture it. A window-padded size."""
-    model = build(name).train()
-    x = torch.randn(2, 3, *OTHER_SIZES[0])
+    model = build(name).train().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[0], device=device)
     with _OpLog() as log:
         sum(o.sum() for o in model(x)).backward()
     assert not log.ops & set(HOST_SYNC_OPS), sorted(log.ops & set(HOST_SYNC_OPS))

@@ -48,7 +48,7 @@ def _reference_fsla(module: FeatureSpaceLocalAttention, x: torch.Tensor,
     heads, m, ov = module.num_heads, module.group_size, module.overlap
     d = c // heads
     qkv = F.linear(x, module.qkv.weight, module.qkv.bias)
-    out = torch.zeros(b, n, c, dtype=x.dtype)
+    out = torch.zeros(b, n, c, dtype=x.dtype, device=x.device)
     for i in range(b):
         for j in range(heads):
             q, k, v = (qkv[i, :, t * c + j * d:t * c + (j + 1) * d] for t in range(3))
@@ -65,32 +65,33 @@ def _reference_fsla(module: FeatureSpaceLocalAttention, x: torch.Tensor,
     return module.proj(out)
 
 
-def _module(dim: int = 16, heads: int = 2, **kwargs) -> FeatureSpaceLocalAttention:
-    return FeatureSpaceLocalAttention(dim, heads, **kwargs).double().eval()
+def _module(dim: int = 16, heads: int = 2, device: torch.device = torch.device('cpu'),
+            **kwargs) -> FeatureSpaceLocalAttention:
+    return FeatureSpaceLocalAttention(dim, heads, **kwargs).double().eval().to(device)
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (28, 28), (7, 7)])
-def test_matches_reference_where_public_code_is_defined(hw):
+def test_matches_reference_where_public_code_is_defined(hw, device):
     """Square maps with N = 49 * 2**k (and N = 49: one group, plain attention)."""
-    module = _module()
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    module = _module(device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, hw), _reference_fsla(module, x, hw),
                                atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('hw', [(10, 13), (5, 10), (8, 8), (3, 5), (9, 31)])
-def test_matches_reference_at_any_token_count(hw):
+def test_matches_reference_at_any_token_count(hw, device):
     """Padded layouts give the result of the real-tokens-only algorithm."""
-    module = _module(qk_scale=1.0)
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    module = _module(qk_scale=1.0, device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, hw), _reference_fsla(module, x, hw),
                                atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('overlap,qkv_bias', [(0, True), (3, False), (8, True)])
-def test_small_group_overlap_and_bias_options(overlap, qkv_bias):
-    module = _module(heads=4, group_size=8, overlap=overlap, qkv_bias=qkv_bias)
-    x = torch.randn(1, 6 * 7, 16, dtype=torch.float64)
+def test_small_group_overlap_and_bias_options(overlap, qkv_bias, device):
+    module = _module(heads=4, group_size=8, overlap=overlap, qkv_bias=qkv_bias, device=device)
+    x = torch.randn(1, 6 * 7, 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, (6, 7)), _reference_fsla(module, x, (6, 7)),
                                atol=1e-5, rtol=0)
 
@@ -119,10 +120,11 @@ def test_clustering_takes_strided_inputs(num_tokens):
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 31)])
-def test_gradients_match_reference(hw):
-    module = _module(heads=4)
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
-    cotangent = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+def test_gradients_match_reference(hw, device):
+    module = _module(heads=4, device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device,
+                    requires_grad=True)
+    cotangent = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     grads = []
     for forward in (module, lambda *args: _reference_fsla(module, *args)):
         inputs = [x, *module.parameters()]

@@ -24,7 +24,7 @@ from mmengine.model import BaseModule
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
-from mmvit_plugins.models.layers.capture import capturing, contains
+from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 from mmvit_plugins.models.layers.window import window_attention_mask
 from mmvit_plugins.utils.checkpoint import (
@@ -178,6 +178,8 @@ def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype every output of a forward has: autocast's where it is on, else the input's."""
     device = x.device.type
+    if not has_autocast(device):
+        return x.dtype
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
         enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     elif device == 'cpu':
@@ -185,6 +187,12 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     else:
         enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
     return dtype if enabled else x.dtype
+
+
+def has_rng_state(device: torch.device) -> bool:
+    """The device type has a random state for activation checkpointing to save and restore
+    (the CPU's, ``torch.<type>.get_rng_state`` of CUDA and the like); ``meta`` has none."""
+    return device.type == 'cpu' or hasattr(getattr(torch, device.type, None), 'get_rng_state')
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
@@ -224,10 +232,12 @@ def _recomputation(module: nn.Module) -> Iterator[None]:
 def checkpoint(module: nn.Module, *args: Any) -> Any:
     """``module(*args)`` with its activations recomputed in the backward (torch's non-reentrant
     checkpoint), free of effects in the recomputation (:func:`_recomputation`). A captured
-    graph is recomputed by its compiler, which replays no effect."""
+    graph is recomputed by its compiler, which replays no effect. ``args[0]`` is a tensor on
+    the device the module runs on."""
+    rng = has_rng_state(args[0].device)
     if capturing():
-        return cp.checkpoint(module, *args, use_reentrant=False)
-    return cp.checkpoint(module, *args, use_reentrant=False,
+        return cp.checkpoint(module, *args, use_reentrant=False, preserve_rng_state=rng)
+    return cp.checkpoint(module, *args, use_reentrant=False, preserve_rng_state=rng,
                          context_fn=lambda: (nullcontext(), _recomputation(module)))
 
 

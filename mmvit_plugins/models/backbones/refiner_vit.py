@@ -35,7 +35,7 @@ from mmvit_plugins.models.layers import (
     window_partition,
     window_reverse,
 )
-from mmvit_plugins.models.layers.capture import Size, size_cache
+from mmvit_plugins.models.layers.capture import Size, autocast_off, size_cache
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 
 from .base import (
@@ -1015,13 +1015,13 @@ class RefinedAttention(nn.Module):
         map_dtype = torch.float32 if output_dtype(x) != x.dtype else x.dtype
         if self.share:
             v = self.v(x).view(b, n, self.num_heads, -1).transpose(1, 2)
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_off(x.device):
                 attn = self.dla.refine(prev.to(map_dtype), self.adapt_bn, self.scale, pairs,
                                        windows)
             passed = prev
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_off(x.device):
                 # The public code scales q and k by sqrt(scale) each: the same logits.
                 attn = (q.to(map_dtype) * self.scale) @ k.to(map_dtype).transpose(-2, -1)
                 if valid is not None:

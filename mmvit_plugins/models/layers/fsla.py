@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Size, capturing, is_concrete, size_cache
+from .capture import Size, autocast_off, capturing, is_concrete, size_cache
 
 # Added to every centroid sum so that its norm is never zero (its square is a normal float32).
 _CENTROID_EPS = 1e-18
@@ -83,22 +83,21 @@ def num_levels(num_tokens: Size, group_size: int) -> int:
 
 
 @lru_cache(maxsize=16)
-def _count_offsets(num_levels: int) -> torch.Tensor:
-    """(k + 1, 2**k) r with the real tokens of group g at level l = ``(N + r[l, g]) // 2**l``
-    (first 2**l entries): a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
+def _count_offsets(num_levels: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Per level l = 0..k, the (2**l,) r with the real tokens of group g at level l
+    ``(N + r[g]) // 2**l``: a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
     ``c // 2``, i.e. offsets ``r + 2**l`` and ``r``."""
-    rows = [torch.zeros(1, dtype=torch.long)]
+    rows = [torch.zeros(1, dtype=torch.long, device=device)]
     for level in range(num_levels):
         rows.append(torch.stack([rows[-1] + (1 << level), rows[-1]], 1).flatten())
-    return torch.stack([F.pad(row, (0, (1 << num_levels) - row.numel())) for row in rows])
+    return tuple(rows)
 
 
 def _level_counts(num_tokens: Size, levels: int, device: torch.device) -> List[torch.Tensor]:
     """Real tokens of every group at levels 0..k: each group splits ceil/floor, the first child
     taking the larger half."""
-    offsets = _count_offsets(levels).to(device)
-    return [(offsets[level, :1 << level] + num_tokens) // (1 << level)
-            for level in range(levels + 1)]
+    return [(offsets + num_tokens) // (1 << level)
+            for level, offsets in enumerate(_count_offsets(levels, device))]
 
 
 def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -111,9 +110,9 @@ def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
     """
     groups, regions = shares.shape
     n = num_slots // groups
-    first = torch.arange(0, num_slots, n)[:, None, None]  # the group's first slot
+    first = torch.arange(0, num_slots, n, device=shares.device)[:, None, None]  # group starts
     start = (shares.cumsum(1) - shares)[..., None] + first
-    pos = torch.arange(n // regions)
+    pos = torch.arange(n // regions, device=shares.device)
     return torch.where(pos < shares[..., None], start + pos, first + (n - 1)).flatten()
 
 
@@ -188,8 +187,10 @@ def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> t
     unit vector, against the slots' ``[1, padding]`` columns. Real tokens score
     ``sharpness * (s_j + 1)``; padding scores ``(sharpness + big, sharpness)``, so that it takes
     no weight and sorts behind the real tokens."""
-    big = torch.finfo(dtype).max / 16
-    return torch.tensor([[sharpness, big], [sharpness, 0.]], dtype=dtype, device=device)
+    tail = torch.full((2, 2), sharpness, dtype=dtype, device=device)
+    tail[0, 1] = torch.finfo(dtype).max / 16
+    tail[1, 1] = 0.
+    return tail
 
 
 @lru_cache(maxsize=16)
@@ -211,7 +212,7 @@ def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.T
 
 @lru_cache(maxsize=16)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 @size_cache(maxsize=64)
@@ -323,7 +324,7 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
         (R, G * m) long, R = the product of the leading dims: the token of every slot in group
         order (G groups of m slots, real tokens first); padding slots hold N.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         order = cluster_slots(*slot_features(x, layout), layout.child_slots, layout.shape,
                               iters, sharpness)
     return order.view(order.shape[0], -1)

@@ -103,7 +103,7 @@ def _cpu(value: Union[Tensor, np.ndarray]) -> Tensor:
     """``value`` (a tensor on any device, or an array) as a CPU tensor."""
     if isinstance(value, Tensor):
         return value.detach().cpu()
-    return torch.as_tensor(value)
+    return torch.as_tensor(value, device='cpu')
 
 
 def format_segmentation(agreement: Dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""mmvit_plugins.utils.checkpoint: the safe loader (allow-list, refusals, bad files), every public
+"""mmvit_plugins.checkpoint: the safe loader (allow-list, refusals, bad files), every public
 layout, URL forms through mmengine's schemes, and the report of what does not match."""
 import argparse
 import io
@@ -16,8 +16,7 @@ from mmengine.logging import HistoryBuffer, MMLogger
 from mmengine.runner import checkpoint as mm_checkpoint
 from torch import nn
 
-from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from mmvit_plugins.utils.checkpoint import (
+from mmvit_plugins.checkpoint import (
     UnsafeCheckpointError,
     describe_keys,
     extract_state_dict,
@@ -25,6 +24,7 @@ from mmvit_plugins.utils.checkpoint import (
     load_state_dict_report,
     safe_mmengine_loading,
 )
+from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
 
 from .conftest import TINY_BACKBONES
 from .test_boat import _fake_public_checkpoint, _public_cswin_keys, _public_swin_keys
@@ -408,8 +408,8 @@ def test_load_report_names_every_unmatched_key(logged):
 
 def test_torch_without_an_extensible_allow_list_loads_plain_files_only(tmp_path, monkeypatch):
     """torch 1.13-2.3: weights_only=True without add_safe_globals (simulated)."""
-    from mmvit_plugins.utils import checkpoint
-    monkeypatch.setattr(checkpoint, '_TORCH_HAS_SAFE_GLOBALS', False)
+    from mmvit_plugins.checkpoint import safe_load
+    monkeypatch.setattr(safe_load, '_TORCH_HAS_SAFE_GLOBALS', False)
     plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights(), 'epoch': 3})
     assert list(extract_state_dict(load_checkpoint_file(plain))) == ['fc.weight', 'fc.bias']
     numpy = _save_to(tmp_path / 'numpy.pth', {'state_dict': _weights(), 'best': np.float64(1.)})
@@ -421,8 +421,8 @@ def test_torch_without_an_extensible_allow_list_loads_plain_files_only(tmp_path,
 
 def test_torch_without_weights_only_loads_trusted_files_only(tmp_path, monkeypatch):
     """torch < 1.13 has no safe loader (simulated)."""
-    from mmvit_plugins.utils import checkpoint
-    monkeypatch.setattr(checkpoint, '_TORCH_HAS_WEIGHTS_ONLY', False)
+    from mmvit_plugins.checkpoint import safe_load
+    monkeypatch.setattr(safe_load, '_TORCH_HAS_WEIGHTS_ONLY', False)
     plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights()})
     with pytest.raises(UnsafeCheckpointError, match=r"'.*plain.pth' was not loaded: torch .* has "
                                                      r'no safe loader .*needs torch >= 1.13'):

@@ -13,8 +13,8 @@ import torch
 from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from mmvit_plugins.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from mmvit_plugins.utils.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 
 from .conftest import TINY_BACKBONES
 from .helpers import ROOT, load_tool

@@ -316,8 +316,8 @@ def _assert_masks_agree(result, margin: float = MASK_MARGIN) -> float:
     from mmdeploy.utils import get_input_shape
     from mmdet.structures.bbox import bbox_overlaps
 
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
     from mmvit_plugins.deployment.utils import load_deploy_configs
-    from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
     deploy_cfg, config, checkpoint, image = result['files']
     deploy, model_cfg = load_deploy_configs(deploy_cfg, config)
     processor = build_task_processor(model_cfg, deploy, 'cpu')
@@ -413,7 +413,7 @@ def _static_test_config(config, checkpoint, input_shape, work_dir) -> Config:
 def _pytorch_metrics(cfg: Config) -> dict:
     from mmengine.runner import Runner
 
-    from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
     with safe_mmengine_loading():
         return dict(Runner.from_cfg(copy.deepcopy(cfg)).test())
 
@@ -426,7 +426,7 @@ def _predictions_as_ground_truth(cfg: Config, ann_file) -> None:
     import pycocotools.mask as mask_utils
     from mmengine.runner import Runner
 
-    from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
     coco = json.loads(ann_file.read_text())
     ids = {image['file_name']: image['id'] for image in coco['images']}
     categories = [c['id'] for c in coco['categories']]

@@ -15,7 +15,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
-from mmvit_plugins.utils.checkpoint import load_checkpoint_file
+from mmvit_plugins.checkpoint import load_checkpoint_file
 from mmvit_plugins.utils.runtime import register_scope, replace_sync_bn
 
 from .conftest import TINY_BACKBONES

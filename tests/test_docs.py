@@ -210,10 +210,13 @@ def _added_options(node: ast.AST) -> Set[str]:
 
 
 def _library_option_adders() -> Dict[str, Set[str]]:
-    """Functions of mmvit_plugins/ that add options to a parser (e.g. the converters' shared
-    ``add_converter_arguments``), by name."""
+    """Functions of mmvit_plugins/ and of the helper modules of tools/ (files that are not
+    scripts, e.g. the converters' shared ``add_converter_arguments``) that add options to a
+    parser, by name."""
     adders = {}
-    for path in (ROOT / 'mmvit_plugins').rglob('*.py'):
+    helpers = [path for path in (ROOT / 'tools').rglob('*.py')
+               if "__name__ == '__main__'" not in path.read_text()]
+    for path in [*(ROOT / 'mmvit_plugins').rglob('*.py'), *helpers]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and _added_options(node):
                 adders[node.name] = _added_options(node)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmvit_plugins.checkpoint import load_state_dict_report
 from mmvit_plugins.models.backbones import RefinerViT
-from mmvit_plugins.utils.checkpoint import load_state_dict_report
 
 TINY_ARCH = dict(embed_dims=48, num_layers=4, num_heads=4, mlp_ratio=2.)
 TINY = dict(arch=TINY_ARCH, window_size=4, global_attn_indexes=(2, 3))

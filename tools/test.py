@@ -4,7 +4,7 @@
                          [--show-dir DIR] [--tta] [--cfg-options key=value ...]
                          [--launcher none|pytorch|slurm|mpi]
 
-CHECKPOINT is read with the safe loader of mmvit_plugins.utils.checkpoint (tensors, plain
+CHECKPOINT is read with the safe loader of mmvit_plugins.checkpoint (tensors, plain
 containers and mmengine's training state); --trust-checkpoint reads it with full unpickling.
 --tta tests with the config's ``tta_pipeline`` and wraps the model in its ``tta_model``, as
 mmdet's and mmseg's own tools/test.py do (configs/_base_/ define both).
@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.checkpoint import safe_mmengine_loading
 from mmvit_plugins.utils.preflight import MissingPathsError, check_paths
 from mmvit_plugins.utils.runtime import (
     DictAction,

@@ -5,7 +5,7 @@
                           [--launcher none|pytorch|slurm|mpi]
 
 Checkpoints (--resume, load_from, Pretrained init) are read with the safe loader of
-mmvit_plugins.utils.checkpoint: tensors, plain containers and mmengine's training state.
+mmvit_plugins.checkpoint: tensors, plain containers and mmengine's training state.
 --trust-checkpoint reads the --resume / load_from checkpoint with full unpickling instead.
 --auto-scale-lr scales the optimizer's learning rate(s) by (processes x batch_size) /
 ``auto_scale_lr.base_batch_size``, as mmdet's tools/train.py does (mmengine's Runner scales).
@@ -21,7 +21,7 @@ from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.checkpoint import safe_mmengine_loading
 from mmvit_plugins.utils.preflight import MissingPathsError, check_paths
 from mmvit_plugins.utils.runtime import (
     DictAction,

@@ -31,7 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices  # not exported by timm.models
 from torch import nn
 
-from mmvit_plugins.utils.checkpoint import describe_keys, key_family
+from mmvit_plugins.checkpoint import describe_keys, other_family
 
 from .backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
 from .backbones.base import PyramidBackbone, check_out_indices, output_dtype
@@ -173,10 +173,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
         else:
             trunk[key] = value
     own = model.backbone.state_dict()
-    family, own_family = key_family(trunk), key_family(own)
-    if family is not None and own_family is not None and family != own_family:
-        raise ValueError(f'{type(model).__name__}: the checkpoint holds {family} weights '
-                         f'({describe_keys(trunk)}), the model is {own_family}: weights of '
+    families = other_family(trunk, own)
+    if families:
+        raise ValueError(f'{type(model).__name__}: the checkpoint holds {families[0]} weights '
+                         f'({describe_keys(trunk)}), the model is {families[1]}: weights of '
                          'another family are never loaded')
     converted = model.backbone.loadable_state_dict(trunk)
     converted = {k: v for k, v in converted.items()

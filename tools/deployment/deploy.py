@@ -40,6 +40,7 @@ from mmdeploy.utils import (
 from mmengine.config import Config
 from mmengine.utils import mkdir_or_exist
 
+from mmvit_plugins.checkpoint import safe_mmengine_loading
 from mmvit_plugins.deployment import rewriters  # noqa: F401  (registers the rewriters)
 from mmvit_plugins.deployment.agreement import (
     detection_agreement,
@@ -54,7 +55,6 @@ from mmvit_plugins.deployment.utils import (
     load_deploy_configs,
     remove_quietly,
 )
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -24,14 +24,15 @@ from mmengine.model import BaseModule
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
-from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
-from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
-from mmvit_plugins.models.layers.window import window_attention_mask
-from mmvit_plugins.utils.checkpoint import (
+from mmvit_plugins.checkpoint import (
+    KeyLayout,
     extract_state_dict,
     load_checkpoint_file,
     load_state_dict_report,
 )
+from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
+from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
+from mmvit_plugins.models.layers.window import window_attention_mask
 
 
 # -- argument checks: every backbone speaks this one vocabulary ------------------------------
@@ -331,7 +332,10 @@ class PyramidBackbone(BaseModule):
     layout overrides :meth:`_frozen_modules`. ``norm_eval`` is an argument only of backbones
     with BatchNorm layers (RefinerViT).
     """
+    # Prefixes of the keys public checkpoints never hold (left at their initial values).
     _keys_not_in_public_checkpoints: Tuple[str, ...] = ('out_norm',)
+    # How this family's checkpoint keys look (public release, converted), to tell families apart.
+    checkpoint_layouts: Tuple[KeyLayout, ...] = ()
     norm_eval: bool = False
 
     def __init__(self, in_channels: int, out_indices: Union[int, Sequence[int]],
@@ -390,7 +394,7 @@ class PyramidBackbone(BaseModule):
 
         The init_cfg may also hold ``prefix`` (take the keys under it), ``map_location`` and
         ``trust_checkpoint``. The checkpoint is read with the safe loader of
-        ``mmvit_plugins.utils.checkpoint`` (tensors and plain containers);
+        ``mmvit_plugins.checkpoint`` (tensors and plain containers);
         ``trust_checkpoint=True`` unpickles everything, which runs whatever code the file
         names: only for a file you trust. Raises a ValueError naming the checkpoint and the
         family its keys look like when fewer than half of the tensors load.

@@ -17,6 +17,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table_sim
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from mmvit_plugins.checkpoint import KeyLayout
+
 from ..layers import (
     FeatureSpaceLocalAttention,
     WindowMSA,
@@ -59,6 +61,13 @@ _SWIN_RULES = (
     (r'\.get_v\.', '.lepe.'),
     (r'\.norm4\.', '.fsla_norm.'),
 )
+_SWIN_LAYOUTS = (
+    KeyLayout('BOAT-Swin, public layout', r'^layers\.\d+\.blocks\.\d+\.attnC\.',
+              r'^layers\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+    KeyLayout('BOAT-Swin, converted layout',
+              r'^stages\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$',
+              r'^stages\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+)
 
 _CSWIN_RULES = (
     (r'^head\.', None),
@@ -72,6 +81,12 @@ _CSWIN_RULES = (
     (r'\.content_attn\.', '.fsla.'),
     (r'\.get_v\.', '.lepe.'),
     (r'\.norm3\.', '.fsla_norm.'),
+)
+_CSWIN_LAYOUTS = (
+    KeyLayout('BOAT-CSWin, public layout', r'^stage\d\.\d+\.content_attn\.',
+              r'^stage(\d)\.(\d+)\.', 'stage1_conv_embed.0.weight'),
+    KeyLayout('BOAT-CSWin, converted layout', r'^stages\.\d+\.blocks\.\d+\.attn\.lepe\.\d+\.',
+              r'^stages\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
 )
 
 
@@ -213,6 +228,7 @@ class BOATSwin(_BOATBackbone):
         Others as mmdet's ``SwinTransformer``; see ``docs/backbones/boat.md``.
     """
     public_key_rules = _SWIN_RULES
+    checkpoint_layouts = _SWIN_LAYOUTS
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=96, depths=[2, 2, 6, 2],
                                             num_heads=[3, 6, 12, 24])),
@@ -459,6 +475,7 @@ class BOATCSWin(_BOATBackbone):
     ``out_norm3``; the classifier ``head`` is dropped.
     """
     public_key_rules = _CSWIN_RULES
+    checkpoint_layouts = _CSWIN_LAYOUTS
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=64, depths=[1, 2, 21, 1],
                                             num_heads=[2, 4, 8, 16], split_sizes=[1, 2, 7, 7])),

@@ -14,6 +14,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from mmvit_plugins.checkpoint import KeyLayout
+
 from ..layers import WindowMSA, attend_in_windows, is_concrete, resample_to_grid
 from ..layers.resample import RESAMPLE_MODES
 from .base import (
@@ -232,6 +234,9 @@ class MAFormer(PyramidBackbone):
         init_cfg: ``dict(type='Pretrained', checkpoint=path[, prefix=...])`` loads weights and
             reports unmatched keys by name; otherwise truncated-normal init.
     """
+    checkpoint_layouts = (KeyLayout('MAFormer', r'^stages\.\d+\.blocks\.\d+\.gld\.',
+                                    r'^stages\.(\d+)\.blocks\.(\d+)\.',
+                                    'patch_embed.proj.weight'), )
     arch_zoo: Dict[str, dict] = {
         **dict.fromkeys(['t', 'tiny'], _arch(96, (2, 2, 6, 2), (3, 6, 12, 24))),
         **dict.fromkeys(['s', 'small'], _arch(64, (1, 2, 21, 1), (2, 4, 8, 16))),

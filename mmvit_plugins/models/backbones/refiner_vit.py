@@ -21,6 +21,7 @@ from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed, trunc_nor
 from torch import nn
 from torch.nn import functional as F
 
+from mmvit_plugins.checkpoint import KeyLayout
 from mmvit_plugins.models.layers import (
     SimpleFeaturePyramid,
     capturing,
@@ -1188,6 +1189,12 @@ class RefinerViT(PyramidBackbone):
                         dict(embed_dims=512, num_layers=32, num_heads=16, mlp_ratio=3.)),
     }
     _keys_not_in_public_checkpoints = ('out_norm', 'pyramid')
+    checkpoint_layouts = (
+        KeyLayout('Refiner-ViT, public layout', r'^blocks\.\d+\.attn\.DLA\.',
+                  r'^blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+        KeyLayout('Refiner-ViT, converted layout', r'^blocks\.\d+\.attn\.dla\.',
+                  r'^blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+    )
 
     def __init__(self,
                  arch: Union[str, dict] = 'small',

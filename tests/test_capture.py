@@ -170,8 +170,14 @@ def test_compiled_bf16_autocast_equals_eager(name, device):
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         outs, refs = compiled(model)(x), model(x)
     assert all(o.dtype == torch.bfloat16 for o in outs)
-    # the same kernels on the same bf16 values; BOAT's groups are the same (fp32 clustering)
-    assert relative_error(outs, refs) <= 1e-2
+    # The same kernels on the same bf16 values (BOAT's groups: the same fp32 clustering):
+    # measured identical for BOAT and MAFormer; Refiner-ViT differs for 2 of 10 inputs in up to
+    # 2 % of the elements, by one bf16 step (aot_eager's decompositions round one value
+    # differently). Every element within one bf16 step of eager's.
+    step = torch.finfo(torch.bfloat16).eps
+    for out, ref in zip(outs, refs):
+        out, ref = out.float(), ref.float()
+        assert ((out - ref).abs() <= step * ref.abs() + torch.finfo(torch.bfloat16).tiny).all()
 
 
 class _OpLog(TorchDispatchMode):

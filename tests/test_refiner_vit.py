@@ -153,9 +153,8 @@ def reference_windowed_tokens(sd: dict, img: torch.Tensor, depth: int, heads: in
     b, c, h, w = x.shape
     pos = sd['pos_embed'][:, 1:]
     side = math.isqrt(pos.shape[1])
-    # resized in float32, as timm's resample_abs_pos_embed does for every dtype
-    pos = F.interpolate(pos.reshape(1, side, side, c).permute(0, 3, 1, 2).float(), (h, w),
-                        mode='bicubic', align_corners=False).to(pos.dtype)
+    pos = F.interpolate(pos.reshape(1, side, side, c).permute(0, 3, 1, 2), (h, w),
+                        mode='bicubic', align_corners=False)
     x = (x + pos).flatten(2).transpose(1, 2)
     d = c // heads
     scale = d**-0.5

@@ -155,6 +155,16 @@ def test_marked_dynamic_sizes_compile_one_graph(name, device):
                                  device=device) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['MAFormer', 'RefinerViT'])
+def test_marked_dynamic_sizes_of_detection_compile_one_graph(name):
+    """docs/compile_and_export.md's table: marked dynamic, MAFormer and Refiner-ViT serve
+    512x512, 512x640, 640x640, 800x1088 and 800x1216 (batch 2) with one graph, equal to eager
+    at each (measured: 25-39 s and 55-62 s on a loaded 2-core CPU)."""
+    sizes = [(2, 512, 512), (2, 512, 640), (2, 640, 640), (2, 800, 1088), (2, 800, 1216)]
+    assert count_compiled_graphs(build(name).eval(), sizes, None, mark=True) == 1
+
+
 def test_dynamic_true_compiles_one_graph_for_every_size():
     """``dynamic=True`` (MAFormer): one graph for every size of DYNAMIC_SIZES, although torch
     2.4 also makes the modules' int attributes symbolic. The first size is not square: duck
@@ -170,8 +180,14 @@ def test_compiled_bf16_autocast_equals_eager(name, device):
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         outs, refs = compiled(model)(x), model(x)
     assert all(o.dtype == torch.bfloat16 for o in outs)
-    # the same kernels on the same bf16 values; BOAT's groups are the same (fp32 clustering)
-    assert relative_error(outs, refs) <= 1e-2
+    # The same kernels on the same bf16 values (BOAT's groups: the same fp32 clustering):
+    # measured identical for BOAT and MAFormer; Refiner-ViT differs for 2 of 10 inputs in up to
+    # 2 % of the elements, by one bf16 step (aot_eager's decompositions round one value
+    # differently). Every element within one bf16 step of eager's.
+    step = torch.finfo(torch.bfloat16).eps
+    for out, ref in zip(outs, refs):
+        out, ref = out.float(), ref.float()
+        assert ((out - ref).abs() <= step * ref.abs() + torch.finfo(torch.bfloat16).tiny).all()
 
 
 class _OpLog(TorchDispatchMode):

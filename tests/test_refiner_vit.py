@@ -128,6 +128,88 @@ def reference_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int) -> tor
     return x
 
 
+def reference_windowed_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int, window: int,
+                              global_blocks: Sequence[int], training: bool) -> torch.Tensor:
+    """Token features (B, h * w, C) after the last block, no class token, the position
+    embedding resized bicubically from its square grid to the grid (h, w). Windowed blocks
+    attend within the ``window`` x ``window`` windows of the grid zero-padded at the bottom and
+    right: padding tokens are masked out as keys, their map rows and columns are zero, and the
+    refiner's expanded map is zero at them before its depthwise conv. A map chain restarts where the
+    attention changes between windowed and global. ``training``: every BatchNorm normalises
+    with the batch statistics and updates the running statistics in ``sd``."""
+
+    def bn(x, name):
+        return F.batch_norm(x, sd[name + '.running_mean'], sd[name + '.running_var'],
+                            sd[name + '.weight'], sd[name + '.bias'], training, 0.1, 1e-5)
+
+    def lin(x, name):
+        return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
+
+    x = F.relu(bn(F.conv2d(img, sd['patch_embed.conv1.weight'], stride=2, padding=3),
+                  'patch_embed.bn1'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv2.weight'], padding=1), 'patch_embed.bn2'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv3.weight'], padding=1), 'patch_embed.bn3'))
+    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=8)
+    b, c, h, w = x.shape
+    pos = sd['pos_embed'][:, 1:]
+    side = math.isqrt(pos.shape[1])
+    pos = F.interpolate(pos.reshape(1, side, side, c).permute(0, 3, 1, 2), (h, w),
+                        mode='bicubic', align_corners=False)
+    x = (x + pos).flatten(2).transpose(1, 2)
+    d = c // heads
+    scale = d**-0.5
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+
+    def windows(t):  # (B, h, w, ...) -> (B * windows, window * window, ...), padded with zeros
+        t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, wp - w, 0, hp - h))
+        t = t.reshape(b, hp // window, window, wp // window, window, *t.shape[3:])
+        return t.transpose(2, 3).reshape(-1, window * window, *t.shape[5:])
+
+    valid = windows(torch.ones(b, h, w, 1, dtype=img.dtype))[..., 0]  # (B', L) 1: real token
+    prev, prev_windowed = None, None
+    for i in range(depth):
+        p = f'blocks.{i}.'
+        windowed = i not in global_blocks
+        t = F.layer_norm(0.5 * x, (c, ), sd[p + 'norm1.weight'], sd[p + 'norm1.bias'], 1e-6)
+        if windowed:
+            t = windows(t.reshape(b, h, w, c))
+            keep = valid
+        else:
+            keep = torch.ones(b, h * w, dtype=img.dtype)
+        pairs = (keep[:, :, None] * keep[:, None, :])[:, None]  # (B', 1, L, L)
+        n = t.shape[1]
+        if i % 2 == 0:
+            if windowed != prev_windowed:
+                prev = None
+            q, k, v = lin(t, p + 'attn.qkv').reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+            logits = q @ k.transpose(-2, -1) * scale
+            a = logits.masked_fill(keep[:, None, None, :] == 0, float('-inf')).softmax(-1)
+            if prev is not None:
+                a = a + scale * prev
+            a = a * keep[:, None, :, None]
+            prev = a
+        else:
+            v = lin(t, p + 'attn.qkv').reshape(-1, n, heads, d).transpose(1, 2)
+            dla = p + 'attn.DLA.'
+            e = bn(F.conv2d(prev, sd[dla + 'conv_exp.weight']), dla + 'bn1') * pairs
+            e = F.relu6(e)
+            kernel = sd[dla + 'depth_sep_conv.weight']
+            e = F.relu6(bn(F.conv2d(e, kernel, padding=kernel.shape[-1] // 2,
+                                    groups=kernel.shape[0]), dla + 'bn2'))
+            e = bn(F.conv2d(e, sd[dla + 'conv_pro.weight']), dla + 'bn3') + prev
+            a = bn(e, p + 'attn.adapt_bn') * scale * pairs
+        prev_windowed = windowed
+        y = (a @ v).transpose(1, 2).reshape(-1, n, c)
+        if windowed:
+            y = y.reshape(b, hp // window, wp // window, window, window, c).transpose(2, 3)
+            y = y.reshape(b, hp, wp, c)[:, :h, :w].reshape(b, h * w, c)
+        x = x + lin(y, p + 'attn.proj') / 0.5
+        t = F.layer_norm(0.5 * x, (c, ), sd[p + 'norm2.weight'], sd[p + 'norm2.bias'], 1e-6)
+        m = lin(F.gelu(lin(t, p + 'mlp.fc1')), p + 'mlp.fc2') * sd[p + 'mlp.scale_channel']
+        x = x + m / 0.5
+    return x
+
+
 @pytest.fixture(scope='module')
 def public_tiny():
     return public_state_dict(TINY_ARCH['embed_dims'], TINY_ARCH['num_layers'],
@@ -152,6 +234,66 @@ def test_matches_independent_reference_at_224_global_with_cls_token(public_tiny)
     assert hw == (14, 14) and tokens.shape == expected.shape == (1, 197, 48)
     assert expected.abs().max() > 1  # the blocks change the tokens substantially
     torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_matches_independent_reference_with_padded_windows(training):
+    """Windowed blocks on a 6x9 grid in 4x4 windows (six windows: full, partial and corner),
+    then global blocks, the position embedding resized from 6x6; in training mode every
+    BatchNorm (patch embedding, refiner, adapt_bn) uses batch statistics over all windows of
+    both images. Float64: tokens, the BN running statistics after the step, and the gradient
+    of every parameter, each relative to its own largest value."""
+    sd = public_state_dict(TINY_ARCH['embed_dims'], TINY_ARCH['num_layers'],
+                           TINY_ARCH['num_heads'], TINY_ARCH['mlp_ratio'], grid=6)
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    model = RefinerViT(**dict(TINY, pretrain_img_size=96, drop_path_rate=0.))
+    _load_public(model, sd)
+    model.double().train(training)
+    img = torch.randn(2, 3, 96, 144, dtype=torch.float64)
+    (tokens, ), hw = model.forward_tokens(img, blocks=[3])
+    ref_sd = {k: v.clone().requires_grad_(k in _public_parameters(sd)) for k, v in sd.items()}
+    expected = reference_windowed_tokens(ref_sd, img, TINY_ARCH['num_layers'],
+                                         TINY_ARCH['num_heads'], 4, (2, 3), training)
+    assert hw == (6, 9) and tokens.shape == expected.shape == (2, 54, 48)
+    assert expected.std() > 0.5  # the blocks change the tokens substantially
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-10)
+
+    cotangent = torch.randn(tokens.shape, dtype=torch.float64)
+    (tokens * cotangent).sum().backward()
+    (expected * cotangent).sum().backward()
+    ref_grads = model.convert_checkpoint(
+        {k: v.grad for k, v in ref_sd.items() if v.requires_grad and v.grad is not None})
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and len(grads) > 60
+    _assert_each_grad_close(grads, ref_grads, 1e-9)
+    initial = model.convert_checkpoint(dict(sd))
+    ref_buffers = model.convert_checkpoint({k: v.detach() for k, v in ref_sd.items()})
+    stats = [k for k, _ in model.named_buffers() if k.endswith(('running_mean', 'running_var'))]
+    assert len(stats) == 2 * (3 + 2 * 4)  # patch embedding, 3 + 1 refiner BNs per sharing block
+    for k in stats:
+        buf = model.get_buffer(k)
+        torch.testing.assert_close(buf, ref_buffers[k], rtol=1e-12, atol=1e-12, msg=k)
+        assert torch.equal(buf, initial[k]) is not training, k  # moved in training only
+
+
+def _public_parameters(sd: dict) -> set:
+    """Keys of a public state dict that are parameters (not BN statistics)."""
+    return {k for k, v in sd.items() if v.is_floating_point() and
+            not k.endswith(('running_mean', 'running_var'))}
+
+
+def _assert_each_grad_close(grads: dict, ref_grads: dict, rel: float) -> None:
+    """Each gradient within ``rel`` of its own largest value. A gradient that is zero in exact
+    arithmetic (a bias right before a training-mode BatchNorm: its float64 reference is below
+    1e-12 of the largest gradient of all) must be within ``rel`` of that largest gradient."""
+    largest = max((float(g.abs().max()) for g in ref_grads.values()), default=0.)
+    for k, ref in ref_grads.items():
+        scale = float(ref.abs().max())
+        grad = grads[k].to(ref.dtype)
+        if scale < 1e-12 * largest:  # cancelled: zero up to rounding in both
+            assert float(grad.abs().max()) <= rel * largest, k
+            continue
+        torch.testing.assert_close(grad, ref, rtol=0, atol=rel * scale, msg=k)
 
 
 def test_parameter_count_of_small_equals_public_trunk():
@@ -427,6 +569,11 @@ def _refine_step(dla, adapt_bn, attn, grad, fn):
     return out.detach(), attn.grad, params, buffers
 
 
+# The float32 refiner's parameter gradients against float64, each relative to its own largest
+# value (measured: up to 5.3e-6, bn3's weight).
+REFINE_FLOAT32_GRAD_RTOL = 2e-5
+
+
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('mode,kernel,momentum', [
     ('train', 3, 0.1), ('train', 3, None), ('train', 2, 0.1), ('train_bn1_eval', 3, 0.1),
@@ -453,29 +600,31 @@ def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, ke
         valid[1, 3] = False
         mask = valid[:, None, :, None] & valid[:, None, None, :]
         grad = grad.masked_fill(~mask, 0.)
-    results = []
-    for fn in (_reference_refine, lambda d, a, x: d.refine(x, a, 0.125, mask)):
+    def run(fn, dtype):
         dla, adapt_bn = _random_refiner(heads, kernel, dtype, momentum)
         dla.train(mode != 'eval')
         adapt_bn.train(mode != 'eval')
         if mode == 'train_bn1_eval':
             dla.bn1.eval()
-        step = (lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)) \
-            if fn is _reference_refine else fn
-        results.append(_refine_step(dla, adapt_bn, attn, grad, step))
-    (out, attn_grad, param_grads, buffers), (ref_out, ref_attn_grad, ref_grads, ref_buffers) = \
-        results[1], results[0]
+        return _refine_step(dla, adapt_bn, attn.to(dtype), grad.to(dtype), fn)
+
+    reference = lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)  # noqa: E731
+    out, attn_grad, param_grads, buffers = run(lambda d, a, x: d.refine(x, a, 0.125, mask),
+                                               dtype)
+    ref_out, ref_attn_grad, ref_grads, ref_buffers = run(reference, dtype)
     rel = 1e-10 if dtype == torch.float64 else 1e-5
     assert ref_out.abs().max() > 0.1
     torch.testing.assert_close(out, ref_out, rtol=0, atol=rel * ref_out.abs().max())
     torch.testing.assert_close(attn_grad, ref_attn_grad, rtol=0,
                                atol=rel * ref_attn_grad.abs().max())
-    # float32 gradients: the reference itself is only ~1e-4 accurate on the parameters whose
-    # gradient cancels (e.g. bn3's, before a training-mode BN): relative to the largest one
-    scale = max(p.abs().max() for p in ref_grads)
-    for p, ref_p in zip(param_grads, ref_grads):
-        torch.testing.assert_close(p, ref_p, rtol=0,
-                                   atol=(rel if dtype == torch.float64 else 1e-5) * scale)
+    if dtype == torch.float32:
+        # parameter gradients that largely cancel (e.g. bn1's, before the masks and a
+        # training-mode BN) are ill-conditioned in float32: both formulations against float64
+        exact = run(reference, torch.float64)[2]
+        _assert_each_grad_close(dict(enumerate(param_grads)), dict(enumerate(exact)),
+                                REFINE_FLOAT32_GRAD_RTOL)
+    else:
+        _assert_each_grad_close(dict(enumerate(param_grads)), dict(enumerate(ref_grads)), rel)
     for buf, ref_buf in zip(buffers, ref_buffers):
         torch.testing.assert_close(buf, ref_buf, rtol=rel, atol=rel)
     if mode == 'train':  # the running statistics moved
@@ -485,9 +634,12 @@ def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, ke
 
 def test_refine_float32_on_nearly_uniform_maps_matches_float64():
     """Nearly uniform maps (as at initialisation) make bn1's scale large: the batch-statistics
-    path computes bn1 on the centred map, so that its float32 output and gradients stay
+    path computes bn1 on the centred map, so that its float32 output and map gradient stay
     within 1e-5 of a float64 evaluation on the same input (measured: map gradient 2e-7; the
-    module formulation 2e-6; bn1 folded onto the uncentred map: 0.1)."""
+    module formulation 2e-6; bn1 folded onto the uncentred map: 0.1). Parameter gradients,
+    each relative to its own largest value, are ill-conditioned here for bn1's and bn3's
+    weights (the float32 module formulation: 1.3e-4 and 1.0e-3 from float64; refine: 4.4e-5
+    and 1.3e-3): each within twice the module formulation's error, or 1e-5."""
     from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
     torch.manual_seed(0)
     dla, adapt_bn = DistributedLocalAttention(4), torch.nn.BatchNorm2d(4)
@@ -495,13 +647,25 @@ def test_refine_float32_on_nearly_uniform_maps_matches_float64():
     attn = (0.01 * torch.randn(2, 4, 35, 35, generator=g)).softmax(-1)
     grad = torch.randn(2, 4, 35, 35, generator=g)
     results = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype, step in ((torch.float32, lambda m, a, x: m.refine(x, a, 0.125, None)),
+                        (torch.float32, lambda m, a, x: _reference_refine(m, a, x, 0.125, None)),
+                        (torch.float64, lambda m, a, x: _reference_refine(m, a, x, 0.125, None))):
         d, bn = copy.deepcopy(dla).to(dtype), copy.deepcopy(adapt_bn).to(dtype)
-        step = (lambda m, a, x: m.refine(x, a, 0.125, None)) if dtype == torch.float32 else \
-            (lambda m, a, x: _reference_refine(m, a, x, 0.125, None))
         out, attn_grad, params, _ = _refine_step(d, bn, attn.to(dtype), grad.to(dtype), step)
         results.append((out.double(), attn_grad.double(), [p.double() for p in params]))
-    _assert_refine_steps_close(*results, rel=1e-5)
+    (out, attn_grad, params), (_, _, module_params), (ref_out, ref_attn_grad, ref_params) = \
+        results
+    for value, ref_value in ((out, ref_out), (attn_grad, ref_attn_grad)):
+        torch.testing.assert_close(value, ref_value, rtol=0, atol=1e-5 * ref_value.abs().max())
+    largest = max(float(p.abs().max()) for p in ref_params)
+    for i, (p, module_p, ref_p) in enumerate(zip(params, module_params, ref_params)):
+        scale = float(ref_p.abs().max())
+        if scale < 1e-12 * largest:  # bn3's bias: zero in exact arithmetic
+            assert float(p.abs().max()) <= 1e-5 * largest, i
+            continue
+        module_error = float((module_p - ref_p).abs().max())
+        torch.testing.assert_close(p, ref_p, rtol=0, atol=max(2 * module_error, 1e-5 * scale),
+                                   msg=str(i))
 
 
 @pytest.mark.parametrize('expansion', [1, 2])
@@ -594,25 +758,18 @@ def test_pieces_scatter_back_with_one_operation_or_one_per_window(monkeypatch, g
 
 def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
     """Output, map gradient and parameter gradients of two :func:`_refine_step` results: each
-    within ``rel`` of the largest value of its reference (parameters: of all of them)."""
+    within ``rel`` of the largest value of its reference (see :func:`_assert_each_grad_close`
+    for parameters)."""
     (out, attn_grad, params), (ref_out, ref_attn_grad, ref_params) = step[:3], ref[:3]
     for value, ref_value in ((out, ref_out), (attn_grad, ref_attn_grad)):
         torch.testing.assert_close(value, ref_value, rtol=0, atol=rel * ref_value.abs().max())
-    scale = max(p.abs().max() for p in ref_params)
-    for p, ref_p in zip(params, ref_params):
-        torch.testing.assert_close(p, ref_p, rtol=0, atol=rel * scale)
+    _assert_each_grad_close(dict(enumerate(params)), dict(enumerate(ref_params)), rel)
 
 
-def _assert_grads_close(grads: dict, ref_grads: dict, rel: float = 2e-5) -> None:
-    """Parameter gradients within ``rel`` of the largest one of their tensor, or for a refiner
-    (whose BN gradients cancel: the float32 reference is ~1e-4 accurate there, see above) of
-    their refiner."""
+def _assert_grads_close(grads: dict, ref_grads: dict, rel: float) -> None:
+    """The same parameters, each gradient within ``rel`` of its own largest value."""
     assert grads.keys() == ref_grads.keys()
-    for k, ref in ref_grads.items():
-        group = k.split('.dla.')[0] + '.dla.' if '.dla.' in k else k
-        scale = max(float(g.abs().max()) for name, g in ref_grads.items()
-                    if name.startswith(group))
-        torch.testing.assert_close(grads[k], ref, rtol=0, atol=rel * scale, msg=k)
+    _assert_each_grad_close(grads, ref_grads, rel)
 
 
 @pytest.mark.parametrize('mode', ['train', 'eval', 'train_norm_eval'])
@@ -646,7 +803,7 @@ def test_backbone_equals_the_module_by_module_refiner(monkeypatch, mode):
         torch.testing.assert_close(out, ref, rtol=0, atol=rel * float(ref.abs().max()))
     grads = dict((k, p.grad) for k, p in model.named_parameters())
     ref_grads = dict((k, p.grad) for k, p in ref_model.named_parameters())
-    _assert_grads_close(grads, ref_grads, 2 * rel)
+    _assert_grads_close(grads, ref_grads, 2 * rel)  # measured: 6.5e-12 (train), 9.5e-6
     for (k, buf), ref in zip(model.named_buffers(), ref_model.buffers()):
         torch.testing.assert_close(buf, ref, rtol=rel, atol=rel / 10, msg=k)
 
@@ -678,7 +835,8 @@ def test_refiner_compiles_in_one_graph(train):
     (eager, eager_grads), (comp, comp_grads) = outs
     for a, b in zip(comp, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
-    _assert_grads_close(comp_grads, eager_grads)
+    if train:  # float64; aot_eager's decompositions: 1.2e-7 measured, per parameter
+        _assert_grads_close(comp_grads, eager_grads, 1e-6)
 
 
 # -- refiner_impl: the fused and the reference implementation --------------------------------

@@ -109,7 +109,8 @@ class GLD(nn.Module):
         """(B, C, H, W) -> (B, C, H0, W0): torch's antialiased bilinear interpolation or
         adaptive average pooling as matrix products (:func:`resample_to_grid`, which exports
         to ONNX for any size), in float32 for 16-bit inputs, returned in the input's dtype."""
-        return resample_to_grid(x.float(), self.grid_size, self.resize_mode).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return resample_to_grid(x.to(compute), self.grid_size, self.resize_mode).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)

@@ -483,9 +483,9 @@ class RefineWithBatchStats(torch.autograd.Function):
             ((w.out_bias - mean4 * s4) * scale).view(h, 1, 1))
         if mask is not None:
             out.masked_fill_(~mask, 0.)
-        moments_ = BatchMoments(head_mean, head_cov, mean1, var1, mean2, var2, mean3, var3,
-                                mean4, var4)
-        ctx.save_for_backward(*_Saved(a, mask, y3, w, moments_).flat())
+        batch_moments = BatchMoments(head_mean, head_cov, mean1, var1, mean2, var2, mean3,
+                                     var3, mean4, var4)
+        ctx.save_for_backward(*_Saved(a, mask, y3, w, batch_moments).flat())
         ctx.options = options
         unbiased = plan.count / max(plan.count - 1, 1)
         stats = [mean1, var1 * unbiased, mean2, var2 * unbiased, mean3, var3 * unbiased,

@@ -8,9 +8,18 @@ from typing import Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmvit_plugins.checkpoint import load_state_dict_report
 from mmvit_plugins.models.backbones import RefinerViT
+from mmvit_plugins.models.layers.refiner import (
+    DEFAULT_CHUNK_POLICY,
+    ChunkPolicy,
+    DistributedLocalAttention,
+    Tiling,
+    padded_window_layout,
+    refiner_impl_on,
+)
 
 TINY_ARCH = dict(embed_dims=48, num_layers=4, num_heads=4, mlp_ratio=2.)
 TINY = dict(arch=TINY_ARCH, window_size=4, global_attn_indexes=(2, 3))
@@ -536,10 +545,16 @@ def test_drops_into_mmseg_swin_upernet_config_with_only_in_channels_changed():
 
 # -- the refiner's fast paths (DistributedLocalAttention.refine) against its module-by-module
 # formulation (DistributedLocalAttention.forward, then adapt_bn, scale and mask) ----------------
-def _random_refiner(heads: int, kernel: int, dtype: torch.dtype, momentum=0.1):
-    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
+def _chunks_of_rows(elements: int) -> ChunkPolicy:
+    """A chunk policy of ``elements`` expanded elements per chunk on the CPU, however few rows
+    that is."""
+    return ChunkPolicy(chunk_elements={'cpu': elements}, min_rows=1)
+
+
+def _random_refiner(heads: int, kernel: int, dtype: torch.dtype, momentum=0.1,
+                    chunk_policy: ChunkPolicy = DEFAULT_CHUNK_POLICY):
     g = torch.Generator().manual_seed(2)
-    dla = DistributedLocalAttention(heads, 3, kernel)
+    dla = DistributedLocalAttention(heads, 3, kernel, chunk_policy=chunk_policy)
     adapt_bn = torch.nn.BatchNorm2d(heads, momentum=momentum)
     for conv in (dla.conv_exp, dla.depth_sep_conv, dla.conv_pro):
         fan_in = conv.weight[0].numel()
@@ -579,17 +594,14 @@ REFINE_FLOAT32_GRAD_RTOL = 2e-5
     ('train', 3, 0.1), ('train', 3, None), ('train', 2, 0.1), ('train_bn1_eval', 3, 0.1),
     ('eval', 3, 0.1), ('eval', 2, 0.1)])
 @pytest.mark.parametrize('masked', [False, True])
-def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, kernel, momentum,
-                                                    masked):
+def test_refine_equals_the_module_by_module_refiner(dtype, mode, kernel, momentum, masked):
     """Every path of ``refine`` (training BNs: the chunked autograd Function, or with an even
     kernel / mixed BN modes the recomputed module formulation; running-statistics BNs: folded
     into the convs) gives the refiner's numbers: outputs (float32: 1e-5 relative), gradients of
     the map and of every parameter, and the BN buffer updates. Chunks of 3 query rows with the
     depthwise conv's halo, 11 rows: chunk edges and a partial last chunk are exercised."""
-    from mmvit_plugins.models.backbones import refiner_vit
     b, heads, n = 2, 4, 11
-    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
-    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
+    chunk_policy = _chunks_of_rows(3 * b * 3 * heads * n)
     g = torch.Generator().manual_seed(3)
     attn = torch.rand(b, heads, n, n, generator=g, dtype=dtype).softmax(-1) * 4
     grad = torch.randn(b, heads, n, n, generator=g, dtype=dtype)
@@ -601,7 +613,7 @@ def test_refine_equals_the_module_by_module_refiner(monkeypatch, dtype, mode, ke
         mask = valid[:, None, :, None] & valid[:, None, None, :]
         grad = grad.masked_fill(~mask, 0.)
     def run(fn, dtype):
-        dla, adapt_bn = _random_refiner(heads, kernel, dtype, momentum)
+        dla, adapt_bn = _random_refiner(heads, kernel, dtype, momentum, chunk_policy)
         dla.train(mode != 'eval')
         adapt_bn.train(mode != 'eval')
         if mode == 'train_bn1_eval':
@@ -640,7 +652,6 @@ def test_refine_float32_on_nearly_uniform_maps_matches_float64():
     each relative to its own largest value, are ill-conditioned here for bn1's and bn3's
     weights (the float32 module formulation: 1.3e-4 and 1.0e-3 from float64; refine: 4.4e-5
     and 1.3e-3): each within twice the module formulation's error, or 1e-5."""
-    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
     torch.manual_seed(0)
     dla, adapt_bn = DistributedLocalAttention(4), torch.nn.BatchNorm2d(4)
     g = torch.Generator().manual_seed(5)
@@ -669,17 +680,14 @@ def test_refine_float32_on_nearly_uniform_maps_matches_float64():
 
 
 @pytest.mark.parametrize('expansion', [1, 2])
-def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
+def test_refine_with_batch_stats_and_small_expansions(expansion):
     """The chunked training Function with ``dla_expansion`` 1 and 2 (its chunk buffers are
     sized for the expanded maps and for the map with a row of ones appended, whichever is
     larger): outputs and gradients as the module formulation, float64."""
-    from mmvit_plugins.models.backbones import refiner_vit
-    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
     b, heads, n = 2, 4, 11
-    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * expansion * heads * n)
-    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
     torch.manual_seed(0)
-    dla = DistributedLocalAttention(heads, expansion).double()
+    dla = DistributedLocalAttention(
+        heads, expansion, chunk_policy=_chunks_of_rows(3 * b * expansion * heads * n)).double()
     adapt_bn = torch.nn.BatchNorm2d(heads).double()
     g = torch.Generator().manual_seed(7)
     attn = torch.rand(b, heads, n, n, generator=g, dtype=torch.float64).softmax(-1)
@@ -693,24 +701,21 @@ def test_refine_with_batch_stats_and_small_expansions(monkeypatch, expansion):
 
 @pytest.mark.parametrize('grid,mode,kernel', [((9, 11), 'train', 3), ((6, 6), 'train', 3),
                                                ((9, 11), 'eval', 3), ((9, 11), 'eval', 2)])
-def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeypatch, grid,
-                                                                          mode, kernel):
+def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(grid, mode, kernel):
     """Windows of a padded grid (4x4 windows of a 9x11 grid: full, partial and corner windows;
     of a 6x6 grid: half padding): the refiner computes the expanded maps only on the rows and
     columns within the depthwise conv's reach of real tokens, grouped by window shape (in
     training the constant rest enters the statistics in closed form; in eval the output is
     zero there); outputs, map and parameter gradients and running statistics equal the module
     formulation (float64, several chunks per piece)."""
-    from mmvit_plugins.models.backbones import refiner_vit
     from mmvit_plugins.models.layers import window_padding_mask
     heads, window = 4, 4
     padding = window_padding_mask(grid, window, torch.device('cpu')).repeat(2, 1)
     valid = ~padding
     mask = valid[:, None, :, None] & valid[:, None, None, :]
     b, n = valid.shape
-    monkeypatch.setitem(refiner_vit._CHUNK_ELEMENTS, 'cpu', 3 * b * 3 * heads * n)
-    monkeypatch.setattr(refiner_vit, '_MIN_CHUNK_ROWS', 1)
-    pieces, far = refiner_vit._padded_window_layout(grid, window, b, kernel // 2, mask.device)
+    chunk_policy = _chunks_of_rows(3 * b * 3 * heads * n)
+    pieces, far = padded_window_layout(grid, window, b, kernel // 2, mask.device)
     assert len(pieces) > 1 and far > 0 and not any(p.whole for p in pieces)
     g = torch.Generator().manual_seed(11)
     attn = (torch.rand(b, heads, n, n, generator=g, dtype=torch.float64) * 4).softmax(-1)
@@ -719,7 +724,7 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
     results = []
     for fn in (lambda d, a, x: d.refine(x, a, 0.125, mask, (grid, window)),
                lambda d, a, x: _reference_refine(d, a, x, 0.125, mask)):
-        dla, adapt_bn = _random_refiner(heads, kernel, torch.float64)
+        dla, adapt_bn = _random_refiner(heads, kernel, torch.float64, chunk_policy=chunk_policy)
         train = mode == 'train'
         results.append(_refine_step(dla.train(train), adapt_bn.train(train), attn, grad, fn))
     _assert_refine_steps_close(*results, rel=1e-10)
@@ -729,16 +734,14 @@ def test_refine_on_padded_windows_computes_only_the_reach_of_real_tokens(monkeyp
 
 @pytest.mark.parametrize('grid', [(9, 11), (3, 3)])
 @pytest.mark.parametrize('accumulate', [False, True])
-def test_pieces_scatter_back_with_one_operation_or_one_per_window(monkeypatch, grid,
-                                                                  accumulate):
-    """``_MapPiece.scatter_`` one ``index_copy_``/``index_add_`` per window (the CPU's) or one
+def test_pieces_scatter_back_with_one_operation_or_one_per_window(grid, accumulate):
+    """``MapPiece.scatter_`` one ``index_copy_``/``index_add_`` per window (the CPU's) or one
     over the flattened maps (other devices'): both set (add to) exactly the entries that
     ``gather`` reads, bit for bit, and leave every other entry; pieces of some windows (a 9x11
     grid of 4x4 windows) and of all windows (a 3x3 grid: one partial window per image)."""
-    from mmvit_plugins.models.backbones import refiner_vit
     window, batch, heads = 4, 2, 3
     num_maps = batch * math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
-    pieces, _ = refiner_vit._padded_window_layout(grid, window, num_maps, 1, torch.device('cpu'))
+    pieces, _ = padded_window_layout(grid, window, num_maps, 1, torch.device('cpu'))
     assert any(p.entries is not None for p in pieces)
     assert any(p.windows is None for p in pieces) == (grid == (3, 3))
     g = torch.Generator().manual_seed(13)
@@ -747,13 +750,53 @@ def test_pieces_scatter_back_with_one_operation_or_one_per_window(monkeypatch, g
         values = torch.randn(piece.gather(full).shape, generator=g, dtype=torch.float64)
         results = []
         for per_window in (True, False):
-            monkeypatch.setattr(refiner_vit, '_scatter_per_window_on',
-                                lambda _, per_window=per_window: per_window)
-            results.append(piece.scatter_(full.clone(), values, accumulate))
+            tiling = ChunkPolicy(scatter_per_window_on=('cpu', ) if per_window else ()).tiling(
+                full.device)
+            assert tiling.scatter_per_window == per_window
+            results.append(piece.scatter_(full.clone(), values, tiling, accumulate))
         assert torch.equal(results[0], results[1])
         expected = piece.gather(full) + values if accumulate else values
         assert torch.equal(piece.gather(results[1]), expected)
         assert int((results[1] != full).sum()) == values.numel()
+
+
+class _CountConvolutions(TorchDispatchMode):
+    """Counts the convolutions dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.convolution.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_injected_chunk_policy_decides_the_row_chunks():
+    """A refiner's ``chunk_policy`` sizes its chunks of query rows: ``chunk_elements //
+    row_elements`` rows (at least ``min_rows``) with the depthwise conv's halo, per device type
+    (others: ``default_chunk_elements``), one chunk when unchunked; the folded path runs one
+    depthwise conv per chunk (counted at dispatch: 4 chunks of 11 rows by 3) with the output of
+    one chunk of all rows."""
+    policy = ChunkPolicy(chunk_elements={'cpu': 30}, default_chunk_elements=60, min_rows=2)
+    assert policy.tiling(torch.device('cpu')) == Tiling(30, 2, True)
+    assert policy.tiling(torch.device('meta')) == Tiling(60, 2, False)
+    tiling = policy.tiling(torch.device('cpu'))
+    assert tiling.row_chunks(11, 10, (1, 1)) == [(0, 3, 0, 4), (3, 6, 2, 7), (6, 9, 5, 10),
+                                                 (9, 11, 8, 11)]
+    assert tiling.row_chunks(11, 20, (1, 2))[:2] == [(0, 2, 0, 4), (2, 4, 1, 6)]
+    assert Tiling(None, 2, True).row_chunks(11, 10, (1, 1)) == [(0, 11, 0, 11)]
+    b, heads, n = 2, 4, 11
+    g = torch.Generator().manual_seed(6)
+    attn = torch.rand(b, heads, n, n, generator=g, dtype=torch.float64).softmax(-1)
+    outs = []
+    for chunk_policy, convs in ((_chunks_of_rows(3 * b * 3 * heads * n), 4),
+                                (DEFAULT_CHUNK_POLICY, 1)):
+        dla, adapt_bn = _random_refiner(heads, 3, torch.float64, chunk_policy=chunk_policy)
+        with torch.no_grad(), _CountConvolutions() as counter:
+            outs.append(dla.eval().refine(attn, adapt_bn.eval(), 0.125))
+        assert counter.count == convs
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
 
 
 def _assert_refine_steps_close(step: Sequence, ref: Sequence, rel: float) -> None:
@@ -779,7 +822,6 @@ def test_backbone_equals_the_module_by_module_refiner(monkeypatch, mode):
     running statistics. With batch-statistics BNs in float64: at initialisation the maps are
     nearly uniform and these gradients ill-conditioned (see test_refiner_compiles_in_one_graph),
     so float32 would compare the roundings of the two formulations."""
-    from mmvit_plugins.models.backbones.refiner_vit import DistributedLocalAttention
     dtype = torch.float64 if mode == 'train' else torch.float32
     rel = 1e-9 if mode == 'train' else 1e-5
     img = torch.randn(2, 3, 88, 120, dtype=dtype)  # 6x8 grid: partial 4x4 windows
@@ -922,17 +964,16 @@ def test_refiner_impl_runs_the_chosen_path_on_every_device(monkeypatch, device, 
     gradients of the map and of every parameter have their shapes and are on the device. In
     eval mode on 'meta' without autograd: the eval path under autograd recomputes in its
     backward through ``torch.utils.checkpoint``, which has no 'meta' device module."""
-    from mmvit_plugins.models.backbones import refiner_vit
     from mmvit_plugins.models.layers import window_padding_mask
     calls = []
-    reference = refiner_vit.DistributedLocalAttention._refine_reference
-    monkeypatch.setattr(refiner_vit.DistributedLocalAttention, '_refine_reference',
+    reference = DistributedLocalAttention._refine_reference
+    monkeypatch.setattr(DistributedLocalAttention, '_refine_reference',
                         lambda self, *args: calls.append(self) or reference(self, *args))
     grid, window, heads = (9, 11), 4, 4
     valid = ~window_padding_mask(grid, window, torch.device(device)).repeat(2, 1)
     mask = valid[:, None, :, None] & valid[:, None, None, :]
     with torch.device(device):
-        dla = refiner_vit.DistributedLocalAttention(heads, refiner_impl=impl)
+        dla = DistributedLocalAttention(heads, refiner_impl=impl)
         adapt_bn = torch.nn.BatchNorm2d(heads)
         attn = torch.rand(len(valid), heads, window**2, window**2).softmax(-1) * mask
     grad = mode == 'train' or device == 'cpu'
@@ -941,7 +982,7 @@ def test_refiner_impl_runs_the_chosen_path_on_every_device(monkeypatch, device, 
     adapt_bn.train(mode == 'train')
     with torch.set_grad_enabled(grad):
         out = dla.refine(attn, adapt_bn, 0.125, mask, (grid, window))
-    chosen = refiner_vit.refiner_impl_on(impl, torch.device(device))
+    chosen = refiner_impl_on(impl, torch.device(device))
     assert chosen == (impl if impl != 'auto' else 'fused')
     assert calls == ([dla] if chosen == 'reference' else [])
     assert out.shape == attn.shape and out.device.type == device

@@ -14,6 +14,15 @@ TINY_BACKBONES = {
                      pretrain_img_size=64),
 }
 
+# The devices of the device-parametrised tests (parity with the references, graph capture):
+# the CPU always, CUDA where there is one, so that a GPU machine runs the same assertions.
+DEVICES = ('cpu', 'cuda') if torch.cuda.is_available() else ('cpu', )
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

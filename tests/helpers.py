@@ -1,10 +1,30 @@
-"""What several test modules share: the repository root and loading scripts of tools/."""
+"""What several test modules share: the repository root, loading scripts of tools/, and
+importing the optional dependencies of the ``deploy`` extra."""
+import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# onnx, onnxruntime and mmdeploy are the ``deploy`` extra, not install requirements.
+DEPLOY_EXTRA = ('onnx', 'onnxruntime', 'mmdeploy')
+REQUIRE_DEPLOY = 'MMVIT_REQUIRE_DEPLOY'
+
+
+def import_deploy(name: str) -> ModuleType:
+    """A module of the ``deploy`` extra. Where it is not installed, the test (module) skips
+    with the install hint; with ``MMVIT_REQUIRE_DEPLOY=1`` (``make test``, whose environment
+    installs the extra) it fails instead, so that nothing skips there unnoticed."""
+    if name not in DEPLOY_EXTRA:
+        raise ValueError(f'name={name!r}; allowed values: {DEPLOY_EXTRA}')
+    if os.environ.get(REQUIRE_DEPLOY) == '1':
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f'{name} is part of the deploy extra: '
+                               'pip install ".[deploy]"')
 
 
 def load_tool(relative: str) -> ModuleType:

@@ -9,12 +9,12 @@ from tests.test_backbones import NAMES, build
 
 SIZE = (72, 104)  # non-square, and not the tiny MAFormer's 64x64 pretraining grid
 # Relative errors of bf16 autocast against fp32 (||out diff|| / ||out|| per output, and
-# ||grad diff|| / ||grad|| over all parameters), measured over 3 seeds: 0.7-0.9 % for the
-# outputs of every backbone and the gradients of all but RefinerViT (4-12 %: its BNs normalise
-# near-uniform attention maps, which magnifies the rounding of q and k even though the maps
-# themselves stay in fp32); mmdet's Swin at the same widths: 0.9-1.0 % and 0.9-1.2 %.
+# ||grad diff|| / ||grad|| over all parameters), measured over 3 seeds: 0.7-1.0 % for the
+# outputs of every backbone and 0.7-1.2 % for the gradients of all but RefinerViT (7-11 %: its
+# BNs normalise near-uniform attention maps, which magnifies the rounding of q and k even though
+# the maps themselves stay in fp32); mmdet's Swin at the same widths: 0.9-1.0 % and 0.9-1.2 %.
 OUT_TOL = 0.02
-GRAD_TOL = {'BOATSwin': 0.02, 'BOATCSWin': 0.02, 'MAFormer': 0.02, 'RefinerViT': 0.25}
+GRAD_TOL = {'BOATSwin': 0.02, 'BOATCSWin': 0.02, 'MAFormer': 0.02, 'RefinerViT': 0.15}
 
 
 def _loss(outs, weights) -> torch.Tensor:

@@ -134,7 +134,11 @@ def test_the_largest_frozen_stages_freezes_every_parameter(name, out_indices):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == []
     assert [n for n, m in model.named_modules()  # the root holds RefinerViT's embeddings
             if n and m.training and any(True for _ in m.parameters(recurse=False))] == []
-    one_less = build(name, frozen_stages=largest - 1, out_indices=out_indices)
+    # the stages after the last output are not built: freezing the built ones freezes all
+    built = largest if name == 'RefinerViT' else out_indices[-1] + 1
+    all_built = build(name, frozen_stages=built, out_indices=out_indices)
+    assert not any(p.requires_grad for p in all_built.parameters())
+    one_less = build(name, frozen_stages=built - 1, out_indices=out_indices)
     assert any(p.requires_grad for p in one_less.parameters())
 
 

@@ -1,5 +1,6 @@
 """tools/analysis/benchmark_backbones.py: model specs, sizes and one measured row."""
 import argparse
+import json
 import subprocess
 import sys
 from typing import List, Tuple
@@ -9,6 +10,7 @@ import pytest
 from .helpers import ROOT, load_tool
 
 SCRIPT = ROOT / 'tools' / 'analysis' / 'benchmark_backbones.py'
+GPU_CHECK = ROOT / 'tools' / 'analysis' / 'gpu_check.py'
 bench = load_tool('tools/analysis/benchmark_backbones.py')
 
 
@@ -112,3 +114,49 @@ def test_compile_measures_eager_and_compiled_side_by_side():
     assert float(cells[5]) > 0 and float(cells[8]) > 0  # eager and compiled latency
     assert cells[9].endswith('x')
     assert float(cells[11]) > 0  # the first, compiling call
+
+
+def test_compile_mode_is_checked():
+    result = subprocess.run([sys.executable, str(SCRIPT), '--models', 'BOATSwin', '--compile',
+                             'fast'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--compile 'fast' is invalid; allowed values: ('default', 'reduce-overhead'" in \
+        result.stderr
+
+
+def test_one_worker_measures_every_size_and_batch():
+    """The worker of a (model, mode) that CUDA runs share: one JSON row per size and batch."""
+    arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), '--worker', '--models', f'BOATSwin:{arch}', '--sizes',
+         '64x96', '61x75', '--batch-sizes', '1', '2', '--repeats', '1', '--warmup', '0'],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+    assert [(r['input'], r['batch']) for r in rows] == [
+        ('64x96', 1), ('64x96', 2), ('61x75', 1), ('61x75', 2)]
+    assert all(r['latency_ms'] > 0 and r['ops'] > 0 and r['peak_mb'] >= 0 for r in rows)
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """``make gpu-check``'s command in a small form on the CPU: the selected device-parametrised
+    tests, then eager and compiled rows of both modes, in its report and rows file."""
+    arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
+    test = 'tests/test_fsla.py::test_small_group_overlap_and_bias_options'
+    result = subprocess.run(
+        [sys.executable, str(GPU_CHECK), '--device', 'cpu', '--out-dir', str(tmp_path),
+         '--tests', test, '--models', f'BOATSwin:{arch}', '--sizes', '61x75',
+         '--batch-sizes', '1', '--compile-mode', 'default', '--compile-backend', 'eager',
+         '--warmup', '0', '--repeats', '1', '--budget', '250'],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / 'report.md').read_text()
+    assert f'- tests ({test}, `-k cpu`): passed: 3 passed' in report
+    assert (tmp_path / 'pytest.log').read_text().splitlines()[0].endswith(f'{test} -q -p '
+                                                                       'no:cacheprovider -k cpu')
+    rows = json.loads((tmp_path / 'rows.json').read_text())
+    assert [(r['input'], r['batch'], r['mode']) for r in rows] == [
+        ('61x75', 1, 'fwd'), ('61x75', 1, 'fwd+bwd')]
+    assert all(r['latency_ms'] > 0 and r['compiled']['latency_ms'] > 0 for r in rows)
+    assert all(r['compiled']['compile_s'] > 0 and r['ops'] > 0 for r in rows)
+    assert all(bench.table_row(r, True) in report for r in rows)

@@ -6,8 +6,6 @@ and window paddings other than the export's. Tiny widths; aot_eager captures the
 inductor without generating code."""
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmvit_plugins.models import backbones
 from tests.conftest import TINY_BACKBONES
 
-from .helpers import load_tool
+from .helpers import import_deploy, load_tool
 
 COUNT_GRAPHS = load_tool('tools/analysis/count_graphs.py')
 NAMES = sorted(backbones.__all__)
@@ -87,20 +85,20 @@ def test_sizes_keep_the_export_levels():
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_compiled_eval_forward_equals_eager(name):
-    model = build(name).eval()
-    x = torch.randn(2, 3, *OTHER_SIZES[0])
+def test_compiled_eval_forward_equals_eager(name, device):
+    model = build(name).eval().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[0], device=device)
     with torch.no_grad():
         assert relative_error(compiled(model)(x), model(x)) <= COMPILE_RTOL
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_inductor_eval_forward_equals_eager(name):
+def test_inductor_eval_forward_equals_eager(name, device):
     """The default backend generates and runs code for every family (its C++ kernels on the
-    CPU), within 1e-4 of eager: what aot_eager does not check (torch 2.4's inductor failed on
-    the window masks' != between booleans)."""
-    model = build(name).eval()
-    x = torch.randn(2, 3, *INDUCTOR_SIZE)
+    CPU, Triton kernels on CUDA), within 1e-4 of eager: what aot_eager does not check (torch
+    2.4's inductor failed on the window masks' != between booleans)."""
+    model = build(name).eval().to(device)
+    x = torch.randn(2, 3, *INDUCTOR_SIZE, device=device)
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, fullgraph=True)(x)
@@ -110,12 +108,12 @@ def test_inductor_eval_forward_equals_eager(name):
 @pytest.mark.parametrize('name,options', [
     (name, options) for name in NAMES
     for options in (dict(), dict(out_indices=(1, 3), frozen_stages=1, with_cp=True))])
-def test_compiled_training_step_equals_eager(name, options):
+def test_compiled_training_step_equals_eager(name, options, device):
     """Forward and backward in train mode (drop path off: the same random draws are not
     guaranteed), outputs and every parameter's gradient."""
-    model = build(name, drop_path_rate=0., **options).train()
-    x = torch.randn(2, 3, *OTHER_SIZES[1])
-    cotangents = [torch.randn(o.shape) for o in model(x)]
+    model = build(name, drop_path_rate=0., **options).train().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[1], device=device)
+    cotangents = [torch.randn(o.shape, device=device) for o in model(x)]
 
     def step(forward: Callable) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         model.zero_grad()
@@ -131,7 +129,8 @@ def test_compiled_training_step_equals_eager(name, options):
 
 
 def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int, int]],
-                          dynamic: Optional[bool], mark: bool) -> int:
+                          dynamic: Optional[bool], mark: bool,
+                          device: torch.device = torch.device('cpu')) -> int:
     """Graphs dynamo compiles for ``model`` (eval) over ``sizes``, each output equal to eager."""
     def equals_eager(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -139,12 +138,12 @@ def count_compiled_graphs(model: torch.nn.Module, sizes: Sequence[Tuple[int, int
         assert [o.shape for o in outs] == [r.shape for r in refs], x.shape
         assert relative_error(outs, refs) <= COMPILE_RTOL, x.shape
 
-    return COUNT_GRAPHS.count_graphs(model, sizes, dynamic, marked=mark,
+    return COUNT_GRAPHS.count_graphs(model, sizes, dynamic, device=device, marked=mark,
                                      check=equals_eager)['graphs']
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_marked_dynamic_sizes_compile_one_graph(name):
+def test_marked_dynamic_sizes_compile_one_graph(name, device):
     """Batch, height and width marked dynamic (``torch._dynamo.maybe_mark_dynamic``): one graph
     serves every size of DYNAMIC_SIZES, equal to eager at each; no guard on a size's value
     (padding or not, parity, square or not)."""
@@ -152,7 +151,18 @@ def test_marked_dynamic_sizes_compile_one_graph(name):
     if hasattr(model, 'fsla_levels'):
         levels = {model.fsla_levels(size[1:]) for size in DYNAMIC_SIZES[name]}
         assert len(levels) == 1, levels
-    assert count_compiled_graphs(model, DYNAMIC_SIZES[name], None, mark=True) == 1
+    assert count_compiled_graphs(model, DYNAMIC_SIZES[name], None, mark=True,
+                                 device=device) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['MAFormer', 'RefinerViT'])
+def test_marked_dynamic_sizes_of_detection_compile_one_graph(name):
+    """docs/compile_and_export.md's table: marked dynamic, MAFormer and Refiner-ViT serve
+    512x512, 512x640, 640x640, 800x1088 and 800x1216 (batch 2) with one graph, equal to eager
+    at each (measured: 25-39 s and 55-62 s on a loaded 2-core CPU)."""
+    sizes = [(2, 512, 512), (2, 512, 640), (2, 640, 640), (2, 800, 1088), (2, 800, 1216)]
+    assert count_compiled_graphs(build(name).eval(), sizes, None, mark=True) == 1
 
 
 def test_dynamic_true_compiles_one_graph_for_every_size():
@@ -164,14 +174,20 @@ def test_dynamic_true_compiles_one_graph_for_every_size():
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_compiled_bf16_autocast_equals_eager(name):
-    model = build(name).eval()
-    x = torch.randn(1, 3, *EXPORT_SIZE)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+def test_compiled_bf16_autocast_equals_eager(name, device):
+    model = build(name).eval().to(device)
+    x = torch.randn(1, 3, *EXPORT_SIZE, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         outs, refs = compiled(model)(x), model(x)
     assert all(o.dtype == torch.bfloat16 for o in outs)
-    # the same kernels on the same bf16 values; BOAT's groups are the same (fp32 clustering)
-    assert relative_error(outs, refs) <= 1e-2
+    # The same kernels on the same bf16 values (BOAT's groups: the same fp32 clustering):
+    # measured identical for BOAT and MAFormer; Refiner-ViT differs for 2 of 10 inputs in up to
+    # 2 % of the elements, by one bf16 step (aot_eager's decompositions round one value
+    # differently). Every element within one bf16 step of eager's.
+    step = torch.finfo(torch.bfloat16).eps
+    for out, ref in zip(outs, refs):
+        out, ref = out.float(), ref.float()
+        assert ((out - ref).abs() <= step * ref.abs() + torch.finfo(torch.bfloat16).tiny).all()
 
 
 class _OpLog(TorchDispatchMode):
@@ -185,11 +201,11 @@ class _OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_no_host_synchronisation_in_a_forward(name):
+def test_no_host_synchronisation_in_a_forward(name, device):
     """Nothing in a forward (and backward) reads a tensor's value on the host, so that CUDA
     graphs (``mode='reduce-overhead'``) can capture it. A window-padded size."""
-    model = build(name).train()
-    x = torch.randn(2, 3, *OTHER_SIZES[0])
+    model = build(name).train().to(device)
+    x = torch.randn(2, 3, *OTHER_SIZES[0], device=device)
     with _OpLog() as log:
         sum(o.sum() for o in model(x)).backward()
     assert not log.ops & set(HOST_SYNC_OPS), sorted(log.ops & set(HOST_SYNC_OPS))
@@ -206,6 +222,7 @@ def export(model: torch.nn.Module, path: str, x: torch.Tensor) -> List[str]:
 
 @pytest.mark.parametrize('name', NAMES)
 def test_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path, name):
+    onnx, ort = import_deploy('onnx'), import_deploy('onnxruntime')
     model = build(name).eval()
     path = str(tmp_path / f'{name}.onnx')
     export(model, path, torch.randn(1, 3, *EXPORT_SIZE))
@@ -219,6 +236,20 @@ def test_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path, name):
         outs = session.run(None, {'x': x.numpy()})
         assert [o.shape for o in outs] == [tuple(r.shape) for r in refs], (batch, hw)
         assert relative_error(outs, refs) <= ONNX_RTOL, (batch, hw)
+    if hasattr(model, 'fsla_levels'):
+        # BOAT: the export's FSLA levels are a loop count. With more levels in a stage,
+        # onnxruntime stops with an index error; with fewer, it returns outputs that are not
+        # PyTorch's (measured relative error 1e-3 to 4e-2 where the export's levels give 5e-7;
+        # fsla_levels tells the sizes apart).
+        more, fewer = (72, 104), (48, 64)
+        levels = model.fsla_levels(EXPORT_SIZE)
+        assert model.fsla_levels(more)[0] > levels[0] > model.fsla_levels(fewer)[0]
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                           match='indices element out of data bounds'):
+            session.run(None, {'x': torch.randn(1, 3, *more).numpy()})
+        x = torch.randn(1, 3, *fewer)
+        with torch.no_grad():
+            assert relative_error(session.run(None, {'x': x.numpy()}), model(x)) > ONNX_RTOL
 
 
 @pytest.mark.parametrize('name', ['boat_swin_tiny', 'boat_cswin_tiny', 'maformer_tiny',
@@ -230,6 +261,7 @@ def test_timm_models_compile_and_export(tmp_path, name):
     from timm.utils.onnx import onnx_export
 
     from tests.test_timm_models import _create
+    ort = import_deploy('onnxruntime')
     model = _create(name, num_classes=10).eval()
     x = torch.randn(2, 3, *OTHER_SIZES[0])
     with torch.no_grad():

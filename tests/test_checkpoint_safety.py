@@ -13,8 +13,8 @@ import torch
 from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from mmvit_plugins.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from mmvit_plugins.utils.checkpoint import UnsafeCheckpointError, load_checkpoint_file
 
 from .conftest import TINY_BACKBONES
 from .helpers import ROOT, load_tool
@@ -196,7 +196,12 @@ def test_boat2mmvit_converts_ema_only_and_trusted_checkpoints(tmp_path, tiny_con
     custom = _save_to(tmp_path / 'custom.pth', {'model': public, 'config': Custom(1)})
     with pytest.raises(UnsafeCheckpointError, match='Custom'):
         boat2mmvit.main([custom, str(dst), '--model', 'swin'])
-    boat2mmvit.main([custom, str(dst), '--model', 'swin', '--trust-checkpoint'])
+    dst.unlink()
+    digest = boat2mmvit.main([custom, str(dst), '--model', 'swin', '--trust-checkpoint'])
+    assert digest == hashlib.sha256(dst.read_bytes()).hexdigest()
+    trusted = load_checkpoint_file(dst)['state_dict']
+    assert trusted.keys() == converted.keys()
+    assert all(torch.equal(trusted[k], v) for k, v in converted.items())
 
 
 def test_converters_name_the_family_of_a_wrong_checkpoint(tmp_path, tiny_converters):

@@ -1,4 +1,4 @@
-"""mmvit_plugins.utils.checkpoint: the safe loader (allow-list, refusals, bad files), every public
+"""mmvit_plugins.checkpoint: the safe loader (allow-list, refusals, bad files), every public
 layout, URL forms through mmengine's schemes, and the report of what does not match."""
 import argparse
 import io
@@ -16,15 +16,20 @@ from mmengine.logging import HistoryBuffer, MMLogger
 from mmengine.runner import checkpoint as mm_checkpoint
 from torch import nn
 
-from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from mmvit_plugins.utils.checkpoint import (
+from mmvit_plugins.checkpoint import (
+    KeyLayout,
     UnsafeCheckpointError,
     describe_keys,
     extract_state_dict,
+    key_family,
+    key_layouts,
     load_checkpoint_file,
     load_state_dict_report,
+    other_family,
+    register_key_layouts,
     safe_mmengine_loading,
 )
+from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
 
 from .conftest import TINY_BACKBONES
 from .test_boat import _fake_public_checkpoint, _public_cswin_keys, _public_swin_keys
@@ -385,6 +390,43 @@ def test_describe_keys_names_family_layout_and_size(name, public, converted):
         'none of BOAT-Swin, BOAT-CSWin, Refiner-ViT or MAFormer (its first keys: conv1.weight')
 
 
+@pytest.mark.parametrize('name', list(TINY_BACKBONES))
+def test_every_backbone_declares_the_layouts_its_checkpoints_are_told_apart_by(name):
+    """A backbone's own ``checkpoint_layouts`` are registered and name its state dict; the
+    state dict of every other backbone is another family, refused by the one check."""
+    model = _tiny(name)
+    assert model.checkpoint_layouts
+    assert set(model.checkpoint_layouts) <= set(key_layouts._LAYOUTS)
+    family = key_family(model.state_dict())
+    assert family == model.checkpoint_layouts[0].family
+    for other in TINY_BACKBONES:
+        other_state = _tiny(other).state_dict()
+        if other == name:
+            assert other_family(other_state, model.state_dict()) is None
+        else:
+            assert other_family(other_state, model.state_dict()) == (key_family(other_state),
+                                                                     family)
+
+
+def test_a_registered_layout_is_recognised_and_named(monkeypatch):
+    """What a new backbone's file adds is all that detection needs."""
+    monkeypatch.setattr(key_layouts, '_LAYOUTS', list(key_layouts._LAYOUTS))
+    layout = KeyLayout('New-Net, public layout', r'^trunk\.\d+\.mixer\.',
+                       r'^trunk\.(\d+)\.', 'stem.weight')
+    state = {'stem.weight': torch.zeros(24, 3), 'trunk.0.mixer.w': torch.zeros(1),
+             'trunk.1.mixer.w': torch.zeros(1)}
+    assert key_family(state) is None
+    with pytest.raises(TypeError, match='KeyLayout'):
+        register_key_layouts([('New-Net', r'^trunk\.', r'^trunk\.(\d+)\.', 'stem.weight')])
+    register_key_layouts([layout, layout])
+    assert key_layouts._LAYOUTS.count(layout) == 1
+    assert key_family(state) == 'New-Net'
+    assert describe_keys(state) == 'New-Net, public layout (embed_dims 24, 2 blocks)'
+    assert describe_keys({'conv1.weight': torch.zeros(1)}).startswith(
+        'none of BOAT-Swin, BOAT-CSWin, Refiner-ViT, MAFormer or New-Net (its first keys')
+    assert other_family(state, _tiny('MAFormer').state_dict()) == ('New-Net', 'MAFormer')
+
+
 # -- the report ------------------------------------------------------------------------------
 def test_load_report_names_every_unmatched_key(logged):
     model = nn.Sequential()
@@ -406,10 +448,20 @@ def test_load_report_names_every_unmatched_key(logged):
         logged, logging.INFO)
 
 
+def test_keys_public_checkpoints_lack_are_matched_by_prefix(logged):
+    """``ignore_missing`` holds key prefixes, the rule the timm models apply too: a key that
+    holds one further in is still reported missing."""
+    model = nn.Sequential()
+    model.add_module('out_norm0', nn.LayerNorm(2))
+    model.add_module('mix', nn.ModuleDict({'out_norm': nn.LayerNorm(2)}))
+    report = load_state_dict_report(model, {}, ignore_missing=('out_norm', ))
+    assert report.missing == ['mix.out_norm.weight', 'mix.out_norm.bias']
+
+
 def test_torch_without_an_extensible_allow_list_loads_plain_files_only(tmp_path, monkeypatch):
     """torch 1.13-2.3: weights_only=True without add_safe_globals (simulated)."""
-    from mmvit_plugins.utils import checkpoint
-    monkeypatch.setattr(checkpoint, '_TORCH_HAS_SAFE_GLOBALS', False)
+    from mmvit_plugins.checkpoint import safe_load
+    monkeypatch.setattr(safe_load, '_TORCH_HAS_SAFE_GLOBALS', False)
     plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights(), 'epoch': 3})
     assert list(extract_state_dict(load_checkpoint_file(plain))) == ['fc.weight', 'fc.bias']
     numpy = _save_to(tmp_path / 'numpy.pth', {'state_dict': _weights(), 'best': np.float64(1.)})
@@ -421,8 +473,8 @@ def test_torch_without_an_extensible_allow_list_loads_plain_files_only(tmp_path,
 
 def test_torch_without_weights_only_loads_trusted_files_only(tmp_path, monkeypatch):
     """torch < 1.13 has no safe loader (simulated)."""
-    from mmvit_plugins.utils import checkpoint
-    monkeypatch.setattr(checkpoint, '_TORCH_HAS_WEIGHTS_ONLY', False)
+    from mmvit_plugins.checkpoint import safe_load
+    monkeypatch.setattr(safe_load, '_TORCH_HAS_WEIGHTS_ONLY', False)
     plain = _save_to(tmp_path / 'plain.pth', {'state_dict': _weights()})
     with pytest.raises(UnsafeCheckpointError, match=r"'.*plain.pth' was not loaded: torch .* has "
                                                      r'no safe loader .*needs torch >= 1.13'):

@@ -3,7 +3,7 @@ step and one test step on toy data (backbone and heads shrunk through config ove
 import copy
 import math
 import re
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -49,22 +49,32 @@ def toy_roots(tmp_path_factory):
         det=toy.make_det_toy(str(base / 'coco'), num_train=2, num_val=1, size=TOY_SIZE))
 
 
-def _registered(type_name: str) -> bool:
+def _backbone_class(type_name: str) -> type:
+    """The registered class of a config's backbone; an unregistered one fails the test."""
     import mmvit_plugins  # noqa: F401
-    return MODELS.get(type_name) is not None
+    cls = MODELS.get(type_name)
+    assert cls is not None, (f'backbone type {type_name!r} is not registered; registered '
+                             f"backbones of mmvit_plugins: {sorted(TINY_ARCHS)}")
+    return cls
 
 
-@lru_cache(maxsize=None)
+def test_an_unregistered_backbone_fails():
+    """A config naming a backbone that the package does not register fails its tests."""
+    with pytest.raises(AssertionError, match="'NoSuchBackbone' is not registered"):
+        _backbone_class('NoSuchBackbone')
+
+
+@cache
 def _loaded(path) -> Config:
     """A config as loaded from its file, shared by the tests that only read it."""
     return Config.fromfile(str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _full_widths(type_name: str, arch: str):
     """The preset's output widths, from a build with the fewest blocks (widths do not depend on
     depth)."""
-    cls = MODELS.get(type_name)
+    cls = _backbone_class(type_name)
     preset = dict(cls.arch_zoo[arch])
     if 'depths' in preset:
         preset['depths'] = [1] * len(preset['depths'])
@@ -105,10 +115,9 @@ def test_seg_config_settings(path):
     assert sorted(t.prob for t in flips) == [0., 1.]
     assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'
     backbone = cfg.model.backbone
-    widths = _full_widths(backbone.type, backbone.arch) if _registered(backbone.type) else None
-    if widths is not None:
-        assert cfg.model.decode_head.in_channels == widths
-        assert cfg.model.auxiliary_head.in_channels == widths[2]
+    widths = _full_widths(backbone.type, backbone.arch)
+    assert cfg.model.decode_head.in_channels == widths
+    assert cfg.model.auxiliary_head.in_channels == widths[2]
 
 
 @pytest.mark.parametrize('path', DET_CONFIGS, ids=lambda p: p.stem)
@@ -130,8 +139,31 @@ def test_det_config_settings(path):
     if '_ms_3x_' in path.name:
         assert 'RandomChoice' in [t.type for t in cfg.train_dataloader.dataset.pipeline]
     backbone = cfg.model.backbone
-    if _registered(backbone.type):
-        assert cfg.model.neck.in_channels == _full_widths(backbone.type, backbone.arch)
+    assert cfg.model.neck.in_channels == _full_widths(backbone.type, backbone.arch)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_configs_name_no_url():
+    """No config makes a run download anything: the backbone checkpoints are local files under
+    checkpoints/ and ``load_from`` is unset (a URL given by the user is downloaded)."""
+    for path in CONFIGS:
+        cfg = _loaded(path)
+        urls = [s for s in _strings(cfg.to_dict()) if '://' in s]
+        assert urls == [], (path.name, urls)
+        init_cfg = cfg.model.backbone.get('init_cfg')
+        if init_cfg is not None:
+            assert init_cfg.checkpoint.startswith('checkpoints/'), path.name
+        assert cfg.get('load_from') is None, path.name
 
 
 def test_layer_decay_config_lrs():
@@ -188,7 +220,7 @@ def _shrink(cfg: Config, scope: str) -> None:
     backbone.arch = copy.deepcopy(TINY_ARCHS[backbone.type])
     backbone.init_cfg = None
     kwargs = {k: v for k, v in backbone.items() if k != 'type'}
-    widths = list(MODELS.get(backbone.type)(**kwargs).num_features)
+    widths = list(_backbone_class(backbone.type)(**kwargs).num_features)
     model = cfg.model
     if scope == 'mmseg':
         model.decode_head.update(in_channels=widths, channels=16)
@@ -210,8 +242,7 @@ def _finite_loss(log_vars) -> bool:
 def test_config_train_and_test_step(path, toy_roots):
     cfg = Config.fromfile(str(path))
     scope = config_scope(cfg)
-    if not _registered(cfg.model.backbone.type):
-        pytest.skip(f'backbone {cfg.model.backbone.type} is not implemented yet')
+    _backbone_class(cfg.model.backbone.type)
     task = 'seg' if scope == 'mmseg' else 'det'
     toy.toy_overrides(cfg, task, str(toy_roots[task]), TOY_SIZE)
     replace_sync_bn(cfg.model)  # CPU: as tools/train.py does without CUDA

@@ -2,8 +2,11 @@
 and test.py (onnxruntime against PyTorch for UperNet and Mask R-CNN with every backbone family
 at tiny widths) and their errors on bad input."""
 import copy
+import os.path as osp
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +17,11 @@ from mmengine.config import Config, ConfigDict
 from mmvit_plugins.deployment import adaptive_bins, exact_adaptive_avg_pool2d
 
 from .conftest import TINY_BACKBONES
-from .helpers import ROOT, load_tool
+from .helpers import ROOT, import_deploy, load_tool
 
-mmdeploy = pytest.importorskip('mmdeploy', reason='deployment extra: pip install .[deploy]')
-ort = pytest.importorskip('onnxruntime')
+mmdeploy = import_deploy('mmdeploy')
+ort = import_deploy('onnxruntime')
+onnx = import_deploy('onnx')
 
 DEPLOY = ROOT / 'configs' / 'deploy'
 SEG_STATIC = DEPLOY / 'mmseg' / 'segmentation_onnxruntime_static-512x512.py'
@@ -35,6 +39,9 @@ MMSEG_SWIN = dict(type='mmseg.SwinTransformer', embed_dims=16, depths=(1, 1, 1, 
 UNPADDED = {'BOATSwin': 224, 'BOATCSWin': 224, 'MAFormer': 224, 'RefinerViT': 128}
 PADDED = 160
 NUM_DET_CLASSES = 3
+# Mask pixels compared where PyTorch's probability is this far from the threshold 0.5 (its
+# masks come as uint8 probability x 255: 1/255 apart).
+MASK_MARGIN = 0.02
 
 deploy_tool = load_tool('tools/deployment/deploy.py')
 test_tool = load_tool('tools/deployment/test.py')
@@ -282,8 +289,9 @@ def _write(tmp_path, cfg: Config, size, seed: int = 0):
 def _deploy(tmp_path, deploy_cfg, cfg: Config, size):
     config, checkpoint, image = _write(tmp_path, cfg, size)
     work_dir = tmp_path / 'work'
-    return deploy_tool.main([str(deploy_cfg), config, checkpoint, image, '--work-dir',
-                             str(work_dir)])
+    result = deploy_tool.main([str(deploy_cfg), config, checkpoint, image, '--work-dir',
+                               str(work_dir)])
+    return dict(result, files=(str(deploy_cfg), config, checkpoint, image))
 
 
 def _assert_segmentation_agrees(result) -> None:
@@ -297,6 +305,43 @@ def _assert_detections_match(result) -> None:
     assert agreement['reference'] > 0, 'the PyTorch model detected nothing: nothing compared'
     assert agreement['matched'] == agreement['reference'] == agreement['detections'], agreement
     assert agreement['min_iou'] > 0.99 and agreement['max_score_diff'] < 1e-3, agreement
+
+
+def _assert_masks_agree(result, margin: float = MASK_MARGIN) -> float:
+    """The exported model's pasted masks equal the PyTorch model's wherever PyTorch's mask
+    probability is more than ``margin`` from mmdet's threshold 0.5 (nearer, a difference of
+    1e-6 in a logit can flip a pixel: the tiny MAFormer's masks at 224x224 then agree with an
+    IoU of 0.67 only); returns the share of the mask pixels that this compares."""
+    from mmdeploy.apis import build_task_processor
+    from mmdeploy.utils import get_input_shape
+    from mmdet.structures.bbox import bbox_overlaps
+
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
+    from mmvit_plugins.deployment.utils import load_deploy_configs
+    deploy_cfg, config, checkpoint, image = result['files']
+    deploy, model_cfg = load_deploy_configs(deploy_cfg, config)
+    processor = build_task_processor(model_cfg, deploy, 'cpu')
+    with safe_mmengine_loading():
+        torch_model = processor.build_pytorch_model(checkpoint)
+    backend = processor.build_backend_model(
+        [result['onnx']], data_preprocessor_updater=processor.update_data_preprocessor)
+    data, _ = processor.create_input(image, get_input_shape(deploy))
+    torch_model.roi_head.test_cfg.mask_thr_binary = -1  # masks: probability x 255, as uint8
+    with torch.no_grad():
+        (reference, ) = torch_model.test_step(copy.deepcopy(data))
+        (exported, ) = backend.test_step(copy.deepcopy(data))
+    reference, exported = reference.pred_instances, exported.pred_instances
+    ious = bbox_overlaps(reference.bboxes, exported.bboxes)
+    ious[reference.labels[:, None] != exported.labels[None, :]] = 0
+    best, match = ious.max(1)
+    assert len(reference) and (best > 0.99).all(), best
+    prob = reference.masks.float() / 255
+    masks = exported.masks[match].bool()
+    away = (prob - 0.5).abs() > margin
+    wrong = (masks != (prob >= 0.5)) & away
+    assert not wrong.any(), f'{int(wrong.sum())} pixels differ where |p - 0.5| > {margin}'
+    foreground = masks | (prob >= 0.5)
+    return ((foreground & away).sum() / foreground.sum()).item()
 
 
 # -- UperNet --------------------------------------------------------------------------------------
@@ -317,7 +362,10 @@ def test_upernet_onnxruntime_equals_pytorch(tmp_path, family, deploy_cfg, size):
 def test_mask_rcnn_onnxruntime_equals_pytorch(tmp_path, family, padded):
     size = (PADDED, PADDED + 32) if padded else (UNPADDED[family], UNPADDED[family])
     cfg = _det_config(dict(type=family, **TINY_BACKBONES[family]), size)
-    _assert_detections_match(_deploy(tmp_path, DET_DYNAMIC, cfg, size))
+    result = _deploy(tmp_path, DET_DYNAMIC, cfg, size)
+    _assert_detections_match(result)
+    # random weights: 57-86 % of the mask pixels are that far from the threshold
+    assert _assert_masks_agree(result) > 0.5
 
 
 def test_mask_rcnn_static_800x1344_and_test_tool(tmp_path):
@@ -332,12 +380,78 @@ def test_mask_rcnn_static_800x1344_and_test_tool(tmp_path):
     result = _deploy(tmp_path, DET_STATIC, cfg, (800, 1344))
     assert result['agreement']['reference'] > 0
     assert result['agreement']['matched'] == result['agreement']['reference']
-    import onnx
     shape = onnx.load(result['onnx']).graph.input[0].type.tensor_type.shape
     assert [d.dim_value for d in shape.dim] == [1, 3, 800, 1344]
+    # Random weights detect none of the toy objects (mAP 0 for both models): the ground truth
+    # becomes every other of the PyTorch model's 10 best detections per image.
+    cfg = _static_test_config(tmp_path / 'model.py', tmp_path / 'model.pth', (1344, 800),
+                              tmp_path / 'pytorch')
+    _predictions_as_ground_truth(cfg, Path(data_root) / 'annotations' / 'instances_val.json')
     metrics = test_tool.main([str(DET_STATIC), str(tmp_path / 'model.py'), '--model',
                               result['onnx'], '--work-dir', str(tmp_path / 'test')])
-    assert 'coco/bbox_mAP' in metrics and 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+    reference = _pytorch_metrics(cfg)
+    assert 0.2 < reference['coco/bbox_mAP'] < 1 and 0.2 < reference['coco/segm_mAP'] < 1, \
+        reference
+    keys = [k for k in reference if k.startswith(('coco/bbox_mAP', 'coco/segm_mAP'))]
+    assert len(keys) == 12 and set(keys) <= set(metrics), (reference, metrics)
+    # CocoMetric rounds to 3 decimals: one unit of that rounding.
+    assert {k: metrics[k] for k in keys} == pytest.approx({k: reference[k] for k in keys},
+                                                          abs=1e-3, rel=0)
+
+
+def _static_test_config(config, checkpoint, input_shape, work_dir) -> Config:
+    """The model config as tools/test.py runs it for the PyTorch checkpoint, with the test
+    pipeline resized to the static ``input_shape`` (W, H) as test.py does for the exported
+    model."""
+    from mmvit_plugins.utils.runtime import prepare_config
+    cfg = prepare_config(str(config), None, 'none', str(work_dir))
+    assert test_tool.resize_to_input_shape(cfg.test_dataloader.dataset.pipeline, input_shape)
+    cfg.load_from = str(checkpoint)
+    return cfg
+
+
+def _pytorch_metrics(cfg: Config) -> dict:
+    from mmengine.runner import Runner
+
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
+    with safe_mmengine_loading():
+        return dict(Runner.from_cfg(copy.deepcopy(cfg)).test())
+
+
+def _predictions_as_ground_truth(cfg: Config, ann_file) -> None:
+    """Replace the annotations of ``ann_file`` by detections 1, 3, 5, 7 and 9 (in decreasing
+    score) of the PyTorch model on each of its images: boxes, labels and masks (RLE)."""
+    import json
+
+    import pycocotools.mask as mask_utils
+    from mmengine.runner import Runner
+
+    from mmvit_plugins.checkpoint import safe_mmengine_loading
+    coco = json.loads(ann_file.read_text())
+    ids = {image['file_name']: image['id'] for image in coco['images']}
+    categories = [c['id'] for c in coco['categories']]
+    with safe_mmengine_loading():
+        runner = Runner.from_cfg(copy.deepcopy(cfg))
+        runner.load_or_resume()
+    runner.model.eval()
+    annotations = []
+    with torch.no_grad():
+        for batch in runner.test_dataloader:
+            for sample in runner.model.test_step(batch):
+                pred = sample.pred_instances
+                for i in torch.argsort(pred.scores, descending=True)[:10:2].tolist():
+                    x1, y1, x2, y2 = pred.bboxes[i].tolist()
+                    mask = np.asfortranarray(pred.masks[i].numpy().astype(np.uint8))
+                    rle = mask_utils.encode(mask)
+                    rle['counts'] = rle['counts'].decode()
+                    assert mask.any() and x2 > x1 and y2 > y1
+                    annotations.append(dict(
+                        id=len(annotations) + 1, iscrowd=0, segmentation=rle,
+                        image_id=ids[osp.basename(sample.img_path)],
+                        category_id=categories[int(pred.labels[i])],
+                        bbox=[x1, y1, x2 - x1, y2 - y1], area=float(mask.sum())))
+    assert len(annotations) == 5 * len(coco['images'])
+    ann_file.write_text(json.dumps(dict(coco, annotations=annotations)))
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -404,9 +518,47 @@ def test_failed_export_leaves_no_onnx_file(tmp_path, seg_files, monkeypatch):
     assert list((tmp_path / 'work').iterdir()) == []
 
 
+def test_ir_other_than_onnx(tmp_path, seg_files):
+    """Both tools refuse a deploy config whose intermediate representation is not ONNX."""
+    config, checkpoint, image = seg_files
+    deploy_cfg = tmp_path / 'segmentation_torchscript.py'
+    deploy_cfg.write_text(f"_base_ = [{str(SEG_DYNAMIC)!r}]\n"
+                          "ir_config = dict(type='torchscript', save_file='end2end.pt', "
+                          "input_names=['input'], output_names=['output'], input_shape=None)\n")
+    message = _deploy_error([deploy_cfg, config, checkpoint, image], tmp_path)
+    assert 'DEPLOY_CFG=' in message and "type='torchscript'" in message, message
+    assert "allowed values: ['onnx']" in message, message
+    with pytest.raises(SystemExit, match=r"DEPLOY_CFG=.*type='torchscript'.*\['onnx'\]"):
+        test_tool.main([str(deploy_cfg), config, '--model', checkpoint])
+
+
 def test_test_tool_errors(tmp_path, seg_files):
     config, _, _ = seg_files
     with pytest.raises(SystemExit, match=r'--model=.*not found'):
         test_tool.main([str(SEG_DYNAMIC), config, '--model', str(tmp_path / 'end2end.onnx')])
     with pytest.raises(SystemExit, match="DEPLOY_CFG=.*codebase 'mmdet'"):
         test_tool.main([str(DET_DYNAMIC), config, '--model', str(tmp_path / 'end2end.onnx')])
+
+
+# -- make demo ------------------------------------------------------------------------------------
+def test_demo_script_end_to_end(tmp_path):
+    """``make demo``'s script in a fast form: the toy set, evaluation before and after 2
+    training iterations, overlays, image_demo.py, export with deploy.py and test.py on the
+    exported model, whose mIoU the script requires to be PyTorch's within 0.5 points. MAFormer-S
+    (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``: 2 iterations need not
+    improve the model."""
+    work_dir = tmp_path / 'work'
+    cmd = [sys.executable, 'tools/misc/demo.py', '--task', 'seg', '--config',
+           'configs/upernet_maformer_s_ade20k.py', '--iters', '2', '--min-gain', '-100',
+           '--data-root', str(tmp_path / 'toy_ade'), '--work-dir', str(work_dir)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert '[demo] OK: mIoU gained' in result.stdout, result.stdout[-4000:]
+    deployed, pytorch = map(float, re.search(r'onnxruntime mIoU ([\d.]+) \(PyTorch ([\d.]+)\)',
+                                             result.stdout).groups())
+    assert abs(deployed - pytorch) <= 0.5
+    assert len(list((work_dir / 'overlays').glob('*.png'))) == 12
+    assert len(list((work_dir / 'image_demo').glob('*.png'))) == 1
+    assert (work_dir / 'deploy' / 'end2end.onnx').is_file()
+    assert (work_dir / 'toy_config.py').is_file()

@@ -5,7 +5,6 @@ checkpointing) train under DDP; a 2-process resume restores each rank's random s
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
-from mmvit_plugins.utils.checkpoint import load_checkpoint_file
+from mmvit_plugins.checkpoint import load_checkpoint_file
 from mmvit_plugins.utils.runtime import register_scope, replace_sync_bn
 
 from .conftest import TINY_BACKBONES
@@ -168,10 +167,35 @@ def test_dist_resume_restores_every_rank(tmp_path):
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
 
 
+@pytest.mark.parametrize('script,args', [('dist_train.sh', ('CONFIG', '2')),
+                                         ('dist_test.sh', ('CONFIG', 'CKPT', '2'))])
+def test_scripts_rendezvous(script, args):
+    """One node without PORT: torchrun's standalone rendezvous (no fixed port that two jobs on
+    one machine could share); PORT or several nodes: the static rendezvous at MASTER_ADDR:PORT.
+    The torchrun command line, printed instead of run."""
+    def command(**env) -> str:
+        base = {k: v for k, v in os.environ.items()
+                if k not in ('PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR')}
+        proc = subprocess.run(['bash', f'tools/{script}', *args], cwd=ROOT, text=True,
+                              capture_output=True, env=dict(base, PYTHON='echo', **env),
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert command().startswith('-m torch.distributed.run --standalone --nproc_per_node=2 ')
+    assert '--master_port=29501 ' in command(PORT='29501')
+    multi = command(NNODES='2', NODE_RANK='1', MASTER_ADDR='10.0.0.1')
+    assert '--standalone' not in multi
+    assert ('--nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29500 '
+            '--nproc_per_node=2 ') in multi
+
+
 def _run_script(script: str, *args) -> Tuple[subprocess.CompletedProcess, str]:
-    """Run ``tools/<script>`` under torchrun on a free port; return it and a log for failures:
-    the exit status, every line that names an error, and the tails of both streams."""
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1')
+    """Run ``tools/<script>`` under torchrun (one node, no PORT: torchrun's standalone
+    rendezvous binds a port the system assigns); return it and a log for failures: the exit
+    status, every line that names an error, and the tails of both streams."""
+    env = {k: v for k, v in os.environ.items() if k not in ('PORT', 'NNODES')}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS='1')
     proc = subprocess.run(['bash', f'tools/{script}', *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -181,9 +205,3 @@ def _run_script(script: str, *args) -> Tuple[subprocess.CompletedProcess, str]:
            + f'\n--- stdout tail ---\n{proc.stdout[-2000:]}\n--- stderr tail ---\n'
            f'{proc.stderr[-2000:]}')
     return proc, log
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]

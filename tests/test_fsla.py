@@ -48,7 +48,7 @@ def _reference_fsla(module: FeatureSpaceLocalAttention, x: torch.Tensor,
     heads, m, ov = module.num_heads, module.group_size, module.overlap
     d = c // heads
     qkv = F.linear(x, module.qkv.weight, module.qkv.bias)
-    out = torch.zeros(b, n, c, dtype=x.dtype)
+    out = torch.zeros(b, n, c, dtype=x.dtype, device=x.device)
     for i in range(b):
         for j in range(heads):
             q, k, v = (qkv[i, :, t * c + j * d:t * c + (j + 1) * d] for t in range(3))
@@ -65,32 +65,33 @@ def _reference_fsla(module: FeatureSpaceLocalAttention, x: torch.Tensor,
     return module.proj(out)
 
 
-def _module(dim: int = 16, heads: int = 2, **kwargs) -> FeatureSpaceLocalAttention:
-    return FeatureSpaceLocalAttention(dim, heads, **kwargs).double().eval()
+def _module(dim: int = 16, heads: int = 2, device: torch.device = torch.device('cpu'),
+            **kwargs) -> FeatureSpaceLocalAttention:
+    return FeatureSpaceLocalAttention(dim, heads, **kwargs).double().eval().to(device)
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (28, 28), (7, 7)])
-def test_matches_reference_where_public_code_is_defined(hw):
+def test_matches_reference_where_public_code_is_defined(hw, device):
     """Square maps with N = 49 * 2**k (and N = 49: one group, plain attention)."""
-    module = _module()
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    module = _module(device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, hw), _reference_fsla(module, x, hw),
                                atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('hw', [(10, 13), (5, 10), (8, 8), (3, 5), (9, 31)])
-def test_matches_reference_at_any_token_count(hw):
+def test_matches_reference_at_any_token_count(hw, device):
     """Padded layouts give the result of the real-tokens-only algorithm."""
-    module = _module(qk_scale=1.0)
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    module = _module(qk_scale=1.0, device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, hw), _reference_fsla(module, x, hw),
                                atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('overlap,qkv_bias', [(0, True), (3, False), (8, True)])
-def test_small_group_overlap_and_bias_options(overlap, qkv_bias):
-    module = _module(heads=4, group_size=8, overlap=overlap, qkv_bias=qkv_bias)
-    x = torch.randn(1, 6 * 7, 16, dtype=torch.float64)
+def test_small_group_overlap_and_bias_options(overlap, qkv_bias, device):
+    module = _module(heads=4, group_size=8, overlap=overlap, qkv_bias=qkv_bias, device=device)
+    x = torch.randn(1, 6 * 7, 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(module(x, (6, 7)), _reference_fsla(module, x, (6, 7)),
                                atol=1e-5, rtol=0)
 
@@ -119,10 +120,11 @@ def test_clustering_takes_strided_inputs(num_tokens):
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 31)])
-def test_gradients_match_reference(hw):
-    module = _module(heads=4)
-    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
-    cotangent = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+def test_gradients_match_reference(hw, device):
+    module = _module(heads=4, device=device)
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device,
+                    requires_grad=True)
+    cotangent = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64, device=device)
     grads = []
     for forward in (module, lambda *args: _reference_fsla(module, *args)):
         inputs = [x, *module.parameters()]
@@ -171,7 +173,7 @@ def test_bad_arguments(kwargs):
 
 
 def _previous_groups(x: torch.Tensor, num_tokens: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The clustering before static shapes (commit 56a621e), the result the rewrite keeps.
+    """The clustering written with per-level padded groups: the groups the layouts must give.
 
     Row r of the (R, N_max, d) features holds ``num_tokens[r]`` tokens, all rows with the same
     number of levels. Returns (R, G, s): the token of every slot (s = the largest
@@ -254,26 +256,40 @@ def test_previous_groups_reference_matches_spec():
             assert slots[:len(tokens)] == tokens and set(slots[len(tokens):]) <= {n}
 
 
-@pytest.mark.slow
-def test_clustering_equals_previous_for_every_token_count():
-    """Static and tight layouts give the previous groups in float64 for every N in 50..5000."""
+def _swept_token_counts(limit: int = 5000, sample: int = 96) -> List[int]:
+    """Token counts from 50 to ``limit``: every level boundary ``49 * 2**k + {-1, 0, 1, 2}``
+    (the last count of k levels and the first of k + 1, where the layout's slot and padding
+    counts change) plus a seeded sample of the counts in between."""
+    boundaries = {49 * 2**k + d for k in range(8) for d in (-1, 0, 1, 2)}
+    generator = torch.Generator().manual_seed(29)
+    sampled = (torch.randperm(limit - 49, generator=generator)[:sample] + 50).tolist()
+    return sorted(n for n in boundaries | set(sampled) if 50 <= n <= limit)
+
+
+def test_clustering_equals_previous_at_level_boundaries_and_sampled_counts():
+    """Static and tight layouts give the previous groups in float64 for the token counts of
+    :func:`_swept_token_counts`."""
     torch.manual_seed(0)
-    bounds = [49 << k for k in range(8)]
-    for low, high in zip(bounds, bounds[1:]):
-        # the reference takes 64 token counts with the same number of levels at once
-        for sizes in torch.arange(max(low + 1, 50), min(high, 5000) + 1).split(64):
-            x = torch.randn(len(sizes), sizes[-1], 3, dtype=torch.float64)
-            reference = _previous_groups(x, sizes, 49)
-            for row, num_tokens in enumerate(sizes.tolist()):
-                for static in (True, False):
-                    layout = group_layout(num_tokens, 49, 20, static_shapes=static)
-                    order = balanced_clustering(x[row, :num_tokens], layout)
-                    order = order.view(layout.num_groups, -1)
-                    # both sides: the real tokens, then padding (= N) up to their slot count
-                    slots = min(order.shape[-1], reference.shape[-1])
-                    assert torch.equal(order[:, :slots], reference[row, :, :slots]), num_tokens
-                    assert (order[:, slots:] == num_tokens).all(), (num_tokens, static)
-                    assert (reference[row, :, slots:] == num_tokens).all(), num_tokens
+    counts = _swept_token_counts()
+    by_levels = {}
+    for n in counts:
+        by_levels.setdefault(math.ceil(math.log2(n / 49)), []).append(n)
+    assert sorted(by_levels) == list(range(1, 8))
+    for sizes in by_levels.values():
+        # the reference takes token counts with the same number of levels at once
+        sizes = torch.tensor(sizes)
+        x = torch.randn(len(sizes), int(sizes[-1]), 3, dtype=torch.float64)
+        reference = _previous_groups(x, sizes, 49)
+        for row, num_tokens in enumerate(sizes.tolist()):
+            for static in (True, False):
+                layout = group_layout(num_tokens, 49, 20, static_shapes=static)
+                order = balanced_clustering(x[row, :num_tokens], layout)
+                order = order.view(layout.num_groups, -1)
+                # both sides: the real tokens, then padding (= N) up to their slot count
+                slots = min(order.shape[-1], reference.shape[-1])
+                assert torch.equal(order[:, :slots], reference[row, :, :slots]), num_tokens
+                assert (order[:, slots:] == num_tokens).all(), (num_tokens, static)
+                assert (reference[row, :, slots:] == num_tokens).all(), num_tokens
     group_layout.cache_clear()
 
 

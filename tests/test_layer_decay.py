@@ -83,8 +83,26 @@ def test_optimizer_steps_and_frozen_parameters_are_left_out():
     optim_wrapper = _build(model)
     groups = _groups_by_param(optim_wrapper)
     assert not any(n.startswith(('backbone.patch_embed', 'backbone.blocks.0.')) for n in groups)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     out = model.backbone(torch.randn(1, 3, 32, 32))
-    optim_wrapper.update_params(sum(o.mean() for o in out))
+    optim_wrapper.backward(sum(o.mean() for o in out))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    optim_wrapper.step()
+    # AdamW's first step: p * (1 - lr * wd) - lr * g / (|g| + eps), with the group's lr and wd
+    stepped = set()
+    for name, p in model.named_parameters():
+        if name not in groups:
+            assert not p.requires_grad and torch.equal(p, before[name]), name
+            continue
+        if name not in grads:  # the neck and head: not in this forward, not stepped
+            assert torch.equal(p, before[name]), name
+            continue
+        lr, decay = groups[name]['lr'], groups[name]['weight_decay']
+        g = grads[name]
+        expected = before[name] * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-3 * lr, msg=name)
+        stepped.add(name)
+    assert {'backbone.blocks.1.attn.v.weight', 'backbone.pyramid.level0.0.weight'} <= stepped
 
 
 @pytest.mark.parametrize('paramwise_cfg,match', [

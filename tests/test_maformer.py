@@ -90,6 +90,35 @@ def test_gld_area_mode_averages_onto_the_grid():
     torch.testing.assert_close(gld(x), gld(pooled))
 
 
+GLD_SIZES = [(8, 8), (5, 12), (3, 3), (1, 2), (20, 31), (31, 20), (64, 7), (17, 16)]
+
+
+def _torch_resample(x: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """torch's own kernels: antialiased bilinear interpolation or adaptive average pooling."""
+    if mode == 'area':
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size, mode='bilinear', align_corners=False, antialias=True)
+
+
+@pytest.mark.parametrize('mode', ['bilinear', 'area'])
+def test_gld_resampling_equals_torchs_kernels_in_float64(mode):
+    """Shrinking, enlarging and mixed sizes onto 8x8 and 6x5 grids: GLD's resampling (matrix
+    products that export to ONNX) is torch's interpolation or pooling to float64 rounding."""
+    for grid in ((8, 8), (6, 5)):
+        gld = GLD(dim=3, grid_size=grid, ratio=0.5, resize_mode=mode).double()
+        for size in GLD_SIZES:
+            x = torch.randn(2, 3, *size, dtype=torch.float64)
+            expected = _torch_resample(x, grid, mode)
+            resampled = gld.resample(x)
+            assert resampled.dtype == torch.float64
+            torch.testing.assert_close(resampled, expected, rtol=0, atol=1e-12,
+                                       msg=f'{size} -> {grid}')
+            tokens = x.permute(0, 2, 3, 1)
+            fc = F.linear(expected.flatten(2), gld.token_fc.weight, gld.token_fc.bias)
+            torch.testing.assert_close(gld(tokens), fc.transpose(1, 2) + gld.pos_embed,
+                                       rtol=0, atol=1e-12, msg=f'{size} -> {grid}')
+
+
 def test_gld_ratio_sets_the_number_of_global_tokens():
     model = tiny(gld_ratio=0.25)
     assert model.stages[0].blocks[0].gld.num_global_tokens == 16 * 16 // 4

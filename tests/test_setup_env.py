@@ -61,3 +61,42 @@ def test_second_run_is_a_no_op():
                             env={**os.environ, 'MMVIT_VENV': str(REPO / '.venv')})
     assert result.returncode == 0, result.stderr
     assert 'is up to date' in result.stdout
+
+
+def _fake_python(bin_dir: Path, version: str) -> None:
+    """``python3`` that answers every call with ``version``, as the version check asks it."""
+    fake = bin_dir / 'python3'
+    fake.unlink()
+    fake.write_text(f'#!/bin/sh\necho {version}\n')
+    fake.chmod(0o755)
+
+
+@pytest.mark.parametrize('version', ['3.9', '3.13', '2.7'])
+def test_python_outside_the_range_is_named_with_the_fix(tmp_path, bin_without_compiler, version):
+    _fake_python(bin_without_compiler, version)
+    result = run_setup(tmp_path, [bin_without_compiler])
+    assert result.returncode == 1
+    assert (f"'python3' ({bin_without_compiler / 'python3'}) is Python {version}; the pinned "
+            'stack needs Python 3.10 - 3.12') in result.stderr
+    assert 'PYTHON=/path/to/python3.12 make env' in result.stderr
+    assert not (tmp_path / 'venv').exists()
+
+
+def test_python_range_agrees_across_setup_files():
+    """setup_env.sh's range, setup.cfg's python_requires and ruff's target-version match."""
+    import configparser
+    import re
+
+    from packaging.specifiers import SpecifierSet
+    script = SCRIPT.read_text()
+    low, high = (int(re.search(rf'^py_{end}=3\.(\d+)$', script, re.M).group(1))
+                 for end in ('min', 'max'))
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / 'setup.cfg')
+    allowed = SpecifierSet(cfg['options']['python_requires'])
+    assert [minor for minor in range(6, 20) if f'3.{minor}' in allowed] == list(
+        range(low, high + 1))
+    classifiers = cfg['metadata']['classifiers']
+    assert re.findall(r'Python :: 3\.(\d+)', classifiers) == [str(m) for m in range(low, high + 1)]
+    pyproject = (REPO / 'pyproject.toml').read_text()
+    assert re.search(r'^target-version = "py3(\d+)"', pyproject, re.M).group(1) == str(low)

@@ -16,8 +16,11 @@ Parity references:
   hold only names, shapes and outputs; this test regenerates the weights and the input and loads
   them into the timm model through its checkpoint filter.
   The public BOAT-CSWin's stage-4 FSLA (one 49-token group at 224) pairs images of a batch and
-  fails for a batch of one; that defect is not reproduced, so the reference zeroes the output
+  fails for a batch of one; that defect is not reproduced, so the 224 reference zeroes the output
   projection of the stage-4 FSLA (``zeroed``): the branch adds zero in both models.
+  ``boat_cswin_448_public_logits.json`` holds the same tiny model built for 448x448 inputs
+  (``img_size=448``), nothing zeroed: its stage 4 has 14x14 tokens in four groups, where the
+  public FSLA pairs the groups of one image, so every branch of every stage is compared.
 - Refiner-ViT: the independent literal reimplementation of the public forward of
   ``tests/test_refiner_vit.py`` (public-key random weights), with the public inference heads.
 """
@@ -26,7 +29,7 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 import timm
@@ -144,11 +147,12 @@ def public_weights(spec: dict) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _public_checkpoint(name: str) -> Dict[str, torch.Tensor]:
-    """The public model's state dict layout, random tensors (tiny widths, 10 classes)."""
+def _public_checkpoint(name: str, reference: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The public model's state dict layout, random tensors (tiny widths, 10 classes); BOAT:
+    those of the parity reference file ``reference`` (default: the family's at 224)."""
     family = _family(name)
     if family.startswith('boat'):
-        spec = _reference(family)
+        spec = _reference(reference or family)
         state = public_weights(spec)
         # buffers: the converter takes the relative position index from the model and drops
         # Swin's shift masks, so their values do not matter
@@ -167,8 +171,8 @@ def _public_checkpoint(name: str) -> Dict[str, torch.Tensor]:
             'head.weight': torch.randn(NUM_CLASSES, width), 'head.bias': torch.randn(NUM_CLASSES)}
 
 
-def _write(name: str, path: Path) -> Dict[str, torch.Tensor]:
-    state = _public_checkpoint(name)
+def _write(name: str, path: Path, reference: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    state = _public_checkpoint(name, reference)
     container = 'state_dict' if str(path).endswith('.tar') else 'model'
     torch.save({container: state, 'epoch': 300}, path)
     return state
@@ -313,13 +317,57 @@ def test_timm_backward_reaches_every_parameter(name):
 
 
 @pytest.mark.parametrize('name', FAMILY_NAMES)
+def test_no_weight_decay_names_position_tables_and_tokens(name):
+    """docs/timm.md: ``no_weight_decay()`` names the relative position bias tables, the
+    position embeddings and the class token; timm's optimizer factory then leaves them
+    undecayed although they are not 1-D."""
+    from timm.optim import create_optimizer_v2
+
+    model = _create(name)
+    family = _family(name)
+    if family == 'boat_swin':  # every (shifted) window attention, depths (2, 2, 2, 2)
+        expected = {f'backbone.stages.{i}.blocks.{j}.attn.relative_position_bias_table'
+                    for i in range(4) for j in range(2)}
+    elif family == 'maformer':  # the window attention and GLD of stages 1 and 2 (one block)
+        expected = {f'backbone.stages.{i}.blocks.0.{k}' for i in range(2) for k in (
+            'gld.pos_embed', 'local_attn.attn.relative_position_bias_table')}
+    elif family == 'refiner_vit':
+        expected = {'backbone.pos_embed', 'backbone.cls_token'}
+    else:  # BOAT-CSWin: LePE, no position table or embedding
+        expected = set()
+    assert model.no_weight_decay() == expected
+    params = dict(model.named_parameters())
+    assert all(params[n].dim() > 1 for n in expected)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    decay = {id(p): group['weight_decay'] for group in optimizer.param_groups
+             for p in group['params']}
+    assert [n for n in expected if decay[id(params[n])] != 0] == []
+    assert decay[id(model.get_classifier().weight)] == 0.05
+
+
+# What TorchScript's compiler rejects first in each family (docs/timm.md), and where.
+TORCHSCRIPT_FAILURES = {
+    # the block's Optional[FeatureSpaceLocalAttention] submodule annotation
+    'boat_swin': (AssertionError, r'Unsupported annotation typing\.Optional\[.*'
+                                  r'FeatureSpaceLocalAttention\]', 'try_ann_to_type'),
+    # the same annotations, where the block has the module (an assertion without a message)
+    'boat_cswin': (AssertionError, r'^$', 'infer_concrete_type_builder'),
+    'refiner_vit': (torch.jit.frontend.NotSupportedError,
+                    r'Comprehension ifs are not supported', None),
+    # q, k, v = qkv.permute(...)
+    'maformer': (RuntimeError, r'Tensor cannot be used as a tuple', None),
+}
+
+
+@pytest.mark.parametrize('name', FAMILY_NAMES)
 def test_torchscript_and_fx_symbolic_tracing_fail_as_documented(name):
     """docs/timm.md: no TorchScript (Python its compiler rejects), no FX symbolic tracing (shape
     checks on Proxy objects); the capture paths are torch.compile and ONNX."""
     model = _create(name).eval()
-    with pytest.raises((RuntimeError, ValueError, AssertionError, TypeError,
-                        torch.jit.frontend.FrontendError)):
+    error, message, where = TORCHSCRIPT_FAILURES[_family(name)]
+    with pytest.raises(error, match=message) as info:
         torch.jit.script(model)
+    assert where is None or info.traceback[-1].name == where
     with pytest.raises(ValueError, match=r'input must be a 4-D tensor .*got Proxy'):
         torch.fx.symbolic_trace(model)
 
@@ -674,13 +722,13 @@ def test_filter_never_fills_the_final_norm():
         model.load_state_dict(checkpoint_filter_fn(public, model))
 
 
-# -- logits parity with the public code at 224 -----------------------------------------------
-@pytest.mark.parametrize('family', ['boat_swin', 'boat_cswin'])
-def test_boat_logits_equal_the_public_code(tmp_path, float64, family):
-    ref = _reference(family)
-    name = f'{family}_tiny'
+# -- logits parity with the public code at 224 (BOAT-CSWin also at 448) ----------------------
+@pytest.mark.parametrize('reference', ['boat_swin', 'boat_cswin', 'boat_cswin_448'])
+def test_boat_logits_equal_the_public_code(tmp_path, float64, reference):
+    ref = _reference(reference)
+    name = f'{ref["model"]}_tiny'
     path = tmp_path / PUBLIC_FILES[name]
-    _write(name, path)
+    _write(name, path, reference)
     overlay = dict(file=str(path), num_classes=ref['model_kwargs']['num_classes'])
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay,
                               **ref['model_kwargs']).eval()

@@ -1,11 +1,13 @@
 """tools/analysis/get_flops.py, tools/analysis/benchmark.py, tools/misc/browse_dataset.py and
 tools/misc/demo.py on small inputs."""
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from mmengine.analysis import get_model_complexity_info
+import torch.nn.functional as F
+from mmengine.analysis import FlopAnalyzer, get_model_complexity_info
 
 from .helpers import ROOT, load_tool
 
@@ -63,6 +65,53 @@ def test_get_flops_det_model_and_backbone():
         small = get_model_complexity_info(backbone, inputs=(make_inputs(1), ),
                                           show_table=False, show_arch=False)
     assert 0 < small['flops'] < info['flops']
+    # the backbone's convolutions and linear layers, counted from their outputs by hooks
+    counted = []
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            per_output = module.in_features
+        counted.append(out.numel() * per_output)
+
+    handles = [m.register_forward_hook(hook) for m in backbone.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    x = make_inputs(1)
+    with torch.no_grad():
+        backbone(x)
+    for handle in handles:
+        handle.remove()
+    analyzer = FlopAnalyzer(backbone, (x, ))
+    by_operator = analyzer.by_operator()
+    assert by_operator['conv'] + by_operator['linear'] == sum(counted) > 0
+    assert get_flops.count_flops(backbone, x) > sum(counted)  # attention products on top
+
+
+class _ConvLinearAttention(torch.nn.Module):
+    """A conv, a linear layer and scaled-dot-product attention, FLOPs countable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, groups=1)
+        self.depthwise = torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.fc = torch.nn.Linear(8, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.conv(x)).flatten(2).transpose(1, 2)  # (B, L, 8)
+        q, k, v = self.fc(x).view(x.shape[0], -1, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_count_flops_equals_a_hand_count():
+    """Multiply-adds: conv (out pixels x out channels x in channels per group x kernel),
+    linear (rows x in x out), attention (heads x L x L x (d_qk + d_v)) on a 9x14 input."""
+    module = _ConvLinearAttention().eval()
+    x = torch.randn(2, 3, 9, 14)
+    pixels = 5 * 7  # stride 2, padding 1
+    expected = 2 * (pixels * 8 * 3 * 9 + pixels * 8 * 1 * 25 + pixels * 8 * 12 +
+                    2 * pixels * pixels * (2 + 2))
+    assert get_flops.count_flops(module, x) == expected
 
 
 def test_get_flops_rejects_bad_arguments():

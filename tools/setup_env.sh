@@ -7,7 +7,8 @@
 #   MMVIT_VENV    where the virtual environment lives          (default: <repo>/.venv)
 #   MMVIT_CACHE   where built mmcv wheels are kept, outside the repo
 #                                                              (default: ~/.cache/mmvit_plugins)
-#   PYTHON        interpreter used to create the environment   (default: python3)
+#   PYTHON        interpreter used to create the environment   (default: python3;
+#                 Python 3.10 - 3.12)
 #   MAX_JOBS      parallel compile jobs for mmcv's ops          (default: number of cores)
 set -euo pipefail
 
@@ -31,6 +32,11 @@ pinned() {  # pinned <file> <package>: the version pinned for <package> in <file
 
 torch_version=$(pinned "$req/torch.txt" torch)
 mmcv_version=$(pinned "$req/mmcv.txt" mmcv)
+ort_version=$(pinned "$req/deploy.txt" onnxruntime)
+# The Python versions every pin installs on (setup.cfg's python_requires says the same):
+# onnxruntime has wheels from 3.10 on, torch and torchvision up to 3.12.
+py_min=3.10
+py_max=3.12
 
 # A stamp of every file that decides the environment's content: unchanged stamp + passing checks
 # means nothing to do.
@@ -88,12 +94,19 @@ if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" ]] && check_stack 2>/de
 fi
 
 # --- interpreter and virtual environment ---------------------------------------------------------
-command -v "$python" >/dev/null || die "no '$python' on PATH" "set PYTHON=/path/to/python3 (3.8 - 3.11)"
-"$python" - <<'EOF' || die "Python 3.8 - 3.11 is needed (torch 2.4.1 has wheels for those)" \
-    "set PYTHON=/path/to/python3.11 and run again"
-import sys
-sys.exit(0 if (3, 8) <= sys.version_info[:2] <= (3, 11) else 1)
-EOF
+pick_python="choose another interpreter: PYTHON=/path/to/python$py_max make env (or PYTHON=... bash tools/setup_env.sh)"
+command -v "$python" >/dev/null ||
+    die "no '$python' on PATH; the pinned stack needs Python $py_min - $py_max" "$pick_python"
+python_path=$(command -v "$python")
+py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
+    die "'$python' ($python_path) does not run as a Python interpreter" "$pick_python"
+minor() { [[ $1 =~ ^3\.([0-9]+)$ ]] && echo "${BASH_REMATCH[1]}"; }  # 3.12 -> 12, else fails
+found_minor=$(minor "$py_version") || found_minor=-1
+if ((found_minor < $(minor "$py_min") || found_minor > $(minor "$py_max"))); then
+    die "'$python' ($python_path) is Python $py_version; the pinned stack needs Python $py_min - $py_max" \
+        "(onnxruntime $ort_version has wheels from Python $py_min on, torch $torch_version up to $py_max)" \
+        "$pick_python"
+fi
 py_tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
 # mmcv is compiled unless a wheel for this (mmcv, torch, python) is cached: check the toolchain

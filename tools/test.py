@@ -4,22 +4,26 @@
                          [--show-dir DIR] [--tta] [--cfg-options key=value ...]
                          [--launcher none|pytorch|slurm|mpi]
 
-CHECKPOINT is read with the safe loader of mmvit_plugins.utils.checkpoint (tensors, plain
+CHECKPOINT is read with the safe loader of mmvit_plugins.checkpoint (tensors, plain
 containers and mmengine's training state); --trust-checkpoint reads it with full unpickling.
 --tta tests with the config's ``tta_pipeline`` and wraps the model in its ``tta_model``, as
 mmdet's and mmseg's own tools/test.py do (configs/_base_/ define both).
+Before the Runner is built, the test dataset's folders and CHECKPOINT are checked; missing ones
+are named in one message, with what prepares them.
 """
 import argparse
 import logging
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.checkpoint import safe_mmengine_loading
+from mmvit_plugins.utils.preflight import MissingPathsError, check_paths
 from mmvit_plugins.utils.runtime import (
     DictAction,
     config_scope,
@@ -116,6 +120,7 @@ def main(argv=None) -> None:
         enable_visualization(cfg, scope, args.show_dir)
     if args.out:
         add_output(cfg, scope, args.out)
+    check_paths(cfg, 'tools/test.py', ('test', ), checkpoints=[('CHECKPOINT', args.checkpoint)])
     with safe_mmengine_loading([args.checkpoint] if args.trust_checkpoint else []):
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
         runner.test()
@@ -123,4 +128,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except MissingPathsError as error:
+        sys.exit(str(error))

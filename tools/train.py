@@ -5,20 +5,24 @@
                           [--launcher none|pytorch|slurm|mpi]
 
 Checkpoints (--resume, load_from, Pretrained init) are read with the safe loader of
-mmvit_plugins.utils.checkpoint: tensors, plain containers and mmengine's training state.
+mmvit_plugins.checkpoint: tensors, plain containers and mmengine's training state.
 --trust-checkpoint reads the --resume / load_from checkpoint with full unpickling instead.
 --auto-scale-lr scales the optimizer's learning rate(s) by (processes x batch_size) /
 ``auto_scale_lr.base_batch_size``, as mmdet's tools/train.py does (mmengine's Runner scales).
+Before the Runner is built, the dataset folders, the pretrained weights and the checkpoint to
+load are checked; missing ones are named in one message, with what prepares them.
 """
 import argparse
 import os
+import sys
 from typing import List
 
 from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.checkpoint import safe_mmengine_loading
+from mmvit_plugins.utils.preflight import MissingPathsError, check_paths
 from mmvit_plugins.utils.runtime import (
     DictAction,
     configure_amp,
@@ -82,6 +86,8 @@ def main(argv=None) -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    check_paths(cfg, 'tools/train.py', ('train', 'val'), pretrained=True,
+                checkpoints=[('load_from', cfg.get('load_from'))])
     checkpoint = resumed_or_loaded(cfg)
     seed_from_checkpoint(cfg, checkpoint[0] if checkpoint else None, args.trust_checkpoint)
     with safe_mmengine_loading(checkpoint if args.trust_checkpoint else []):
@@ -100,4 +106,7 @@ def resumed_or_loaded(cfg: Config) -> List[str]:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except MissingPathsError as error:
+        sys.exit(str(error))

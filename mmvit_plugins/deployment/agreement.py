@@ -5,8 +5,12 @@ exposes them) at the model's input size, before any resize to the original image
 difference is the export's and not a post-processing choice. Detection is compared on the final
 predictions of both models' ``test_step`` (boxes in original-image pixels, scores, labels and
 pasted masks).
+
+Both sides are compared on the CPU, whatever device each comes from: mmdeploy's onnxruntime
+wrapper returns CPU tensors while the PyTorch model may run on a GPU, and the one-to-one matching
+reads its values one by one.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,9 +30,11 @@ def segmentation_agreement(labels: Tensor, reference_logits: Tensor,
         ``equal_pixels`` (share in [0, 1]), ``pixels`` and ``max_logit_diff`` (NaN without
         ``logits``).
     """
-    reference = reference_logits.float()
-    labels = labels.reshape(reference.shape[0], *reference.shape[2:]).long()
-    if labels.shape[1:] != reference.shape[2:]:
+    reference = _cpu(reference_logits).float()
+    labels = _cpu(labels).long()
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != (reference.shape[0], *reference.shape[2:]):
         raise ValueError(f'label map {tuple(labels.shape)} and reference logits '
                          f'{tuple(reference.shape)} differ in size')
     equal = (labels == reference.argmax(dim=1)).float().mean().item()
@@ -37,7 +43,7 @@ def segmentation_agreement(labels: Tensor, reference_logits: Tensor,
         if logits.shape != reference.shape:
             raise ValueError(f'logits {tuple(logits.shape)} and reference logits '
                              f'{tuple(reference.shape)} differ in shape')
-        diff = (logits.float() - reference).abs().max().item()
+        diff = (_cpu(logits).float() - reference).abs().max().item()
     return dict(equal_pixels=equal, pixels=float(labels.numel()), max_logit_diff=diff)
 
 
@@ -58,14 +64,16 @@ def detection_agreement(instances, reference, iou_thr: float = 0.99) -> Dict[str
         (NaN when nothing matched, mask IoU NaN without masks).
     """
     from mmdet.structures.bbox import bbox_overlaps
-    boxes, ref_boxes = instances.bboxes.float(), reference.bboxes.float()
+    boxes, ref_boxes = _cpu(instances.bboxes).float(), _cpu(reference.bboxes).float()
+    labels, ref_labels = _cpu(instances.labels), _cpu(reference.labels)
+    scores, ref_scores = _cpu(instances.scores).float(), _cpu(reference.scores).float()
     ious = bbox_overlaps(ref_boxes, boxes) if len(boxes) and len(ref_boxes) else \
         torch.zeros(len(ref_boxes), len(boxes))
-    same_label = reference.labels[:, None] == instances.labels[None, :]
+    same_label = ref_labels[:, None] == labels[None, :]
     ious = torch.where(same_label, ious, torch.zeros_like(ious))
     taken = torch.zeros(len(boxes), dtype=torch.bool)
     pairs: List[Tuple[int, int]] = []
-    for i in torch.argsort(reference.scores, descending=True).tolist() if len(boxes) else []:
+    for i in torch.argsort(ref_scores, descending=True).tolist() if len(boxes) else []:
         row = ious[i].masked_fill(taken, -1.)
         j = int(row.argmax())
         if row[j] > iou_thr:
@@ -81,15 +89,21 @@ def detection_agreement(instances, reference, iou_thr: float = 0.99) -> Dict[str
     idx = torch.tensor([j for _, j in pairs])
     result['min_iou'] = ious[ref_idx, idx].min().item()
     result['max_box_diff'] = (boxes[idx] - ref_boxes[ref_idx]).abs().max().item()
-    result['max_score_diff'] = (instances.scores[idx].float()
-                                - reference.scores[ref_idx].float()).abs().max().item()
+    result['max_score_diff'] = (scores[idx] - ref_scores[ref_idx]).abs().max().item()
     if 'masks' in instances and 'masks' in reference:
-        masks = torch.as_tensor(instances.masks)[idx].bool().flatten(1)
-        ref_masks = torch.as_tensor(reference.masks)[ref_idx].bool().flatten(1)
+        masks = _cpu(instances.masks)[idx].bool().flatten(1)
+        ref_masks = _cpu(reference.masks)[ref_idx].bool().flatten(1)
         union = (masks | ref_masks).sum(1)
         iou = (masks & ref_masks).sum(1) / union.clamp(min=1)
         result['min_mask_iou'] = torch.where(union == 0, torch.ones_like(iou), iou).min().item()
     return result
+
+
+def _cpu(value: Union[Tensor, np.ndarray]) -> Tensor:
+    """``value`` (a tensor on any device, or an array) as a CPU tensor."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    return torch.as_tensor(value, device='cpu')
 
 
 def format_segmentation(agreement: Dict[str, float]) -> str:

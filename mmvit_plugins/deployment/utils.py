@@ -8,6 +8,7 @@ import torch
 from mmengine.config import Config
 
 SUPPORTED_CODEBASES = ('mmdet', 'mmseg')
+SUPPORTED_IR = 'onnx'
 
 
 def check_file(path: str, arg: str, kind: str = 'file') -> str:
@@ -47,11 +48,11 @@ def load_deploy_configs(deploy_cfg: str, model_cfg: str,
     """Both configs, checked against each other and the installed backends.
 
     Errors (naming the argument): either file missing; a deploy config without
-    ``codebase_config``/``backend_config``; a deploy config for another codebase than the model
-    config's ``default_scope``; a backend whose runtime is not installed. Without CUDA, SyncBN
-    layers of the model config become BN.
+    ``codebase_config``/``backend_config``; an intermediate representation other than ONNX; a
+    deploy config for another codebase than the model config's ``default_scope``; a backend
+    whose runtime is not installed. Without CUDA, SyncBN layers of the model config become BN.
     """
-    from mmdeploy.utils import get_backend, get_codebase_config, load_config
+    from mmdeploy.utils import get_backend, get_codebase_config, get_ir_config, load_config
 
     from mmvit_plugins.utils.runtime import register_scope, replace_sync_bn
     check_file(deploy_cfg, 'DEPLOY_CFG', 'deploy config')
@@ -63,6 +64,10 @@ def load_deploy_configs(deploy_cfg: str, model_cfg: str,
     if codebase is None or 'backend_config' not in deploy:
         raise ValueError(f'DEPLOY_CFG={deploy_cfg!r} is not an mmdeploy deploy config: it needs '
                          'codebase_config and backend_config (see configs/deploy/)')
+    ir_type = get_ir_config(deploy).get('type')
+    if ir_type != SUPPORTED_IR:
+        raise ValueError(f'DEPLOY_CFG={deploy_cfg!r}: ir_config type={ir_type!r} is not '
+                         f'supported; allowed values: {[SUPPORTED_IR]}')
     scope = model.get('default_scope')
     if scope not in SUPPORTED_CODEBASES:
         raise ValueError(f'MODEL_CFG={model_cfg!r} has default_scope={scope!r}; allowed '

@@ -31,7 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices  # not exported by timm.models
 from torch import nn
 
-from mmvit_plugins.utils.checkpoint import describe_keys, key_family
+from mmvit_plugins.checkpoint import describe_keys, other_family
 
 from .backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
 from .backbones.base import PyramidBackbone, check_out_indices, output_dtype
@@ -156,8 +156,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     model's own -> this model's state dict.
 
     Classifier keys (``model.head_prefixes``) are renamed by ``model.head_key``; every other key
-    (``backbone.`` prefix removed) goes through the backbone's ``convert_checkpoint``, the only
-    copy of the public key rules (e.g. BOAT's public final ``norm`` -> ``out_norm3``). Backbone
+    (``backbone.`` prefix removed) goes through the backbone's ``loadable_state_dict``: its
+    ``convert_checkpoint``, the only copy of the public key rules (e.g. BOAT's public final
+    ``norm`` -> ``out_norm3``), less the keys of the stages ``out_indices`` leaves unbuilt. Backbone
     keys public checkpoints never hold (the norms of the other stages, Refiner-ViT's pyramid)
     keep the model's initial values, as the mm backbone's loader leaves them; such keys of an
     mm backbone checkpoint that the model does not have (e.g. the pyramid of a Refiner-ViT
@@ -172,12 +173,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
         else:
             trunk[key] = value
     own = model.backbone.state_dict()
-    family, own_family = key_family(trunk), key_family(own)
-    if family is not None and own_family is not None and family != own_family:
-        raise ValueError(f'{type(model).__name__}: the checkpoint holds {family} weights '
-                         f'({describe_keys(trunk)}), the model is {own_family}: weights of '
+    families = other_family(trunk, own)
+    if families:
+        raise ValueError(f'{type(model).__name__}: the checkpoint holds {families[0]} weights '
+                         f'({describe_keys(trunk)}), the model is {families[1]}: weights of '
                          'another family are never loaded')
-    converted = model.backbone.convert_checkpoint(trunk)
+    converted = model.backbone.loadable_state_dict(trunk)
     converted = {k: v for k, v in converted.items()
                  if k in own or not k.startswith(model.backbone._keys_not_in_public_checkpoints)}
     filled = []
@@ -250,6 +251,12 @@ class PyramidClassifier(_TimmModel):
         if not intermediates_only:
             self._check_final_stage()
         backbone = self.backbone
+        unbuilt = [i for i in take if i >= len(backbone.stages)]
+        if unbuilt:
+            raise ValueError(f'stages {unbuilt} are not built: the backbone was built with '
+                             f'out_indices={self.stage_indices} (stages after the last one are '
+                             'not built); create the model with features_only=True and '
+                             f'out_indices={tuple(take)}')
         backbone.check_input(x)
         dtype = output_dtype(x)
         x = backbone.embed_drop(backbone.patch_embed(x))
@@ -324,7 +331,8 @@ class RefinerViTClassifier(_TimmModel):
             use, so that every parameter of the classifier is trained.
         with_cls_token, global_attn_indexes: the backbone's, defaults as the public classifier
             (a class token, global attention in every block).
-        **kwargs: the backbone's other arguments (``arch``, ``drop_path_rate``, ...).
+        **kwargs: the backbone's other arguments (``arch``, ``drop_path_rate``,
+            ``refiner_impl``, ...).
     """
     backbone_cls = RefinerViT
     head_prefixes = ('head.', 'aux_head.', 'norm.')

@@ -169,7 +169,7 @@ def seed_from_checkpoint(cfg: Config, checkpoint: Optional[str], trust: bool = F
     randomness = dict(cfg.get('randomness') or {})
     if not cfg.get('resume') or checkpoint is None or randomness.get('seed') is not None:
         return
-    from mmvit_plugins.utils.checkpoint import load_checkpoint_file
+    from mmvit_plugins.checkpoint import load_checkpoint_file
     meta = load_checkpoint_file(checkpoint, trust=trust).get('meta') or {}
     if meta.get('seed') is not None:
         cfg.randomness = dict(randomness, seed=meta['seed'])

@@ -4,15 +4,17 @@
         --models BOATSwin:arch=tiny BOATCSWin:arch=tiny mmdet.SwinTransformer \
         --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--train | --backward] \
         [--baseline mmdet.SwinTransformer] [--device cuda] \
-        [--compile [MODE] [--compile-backend inductor]]
+        [--compile [MODE] [--compile-backend inductor]] [--json rows.json]
 
 A model spec is ``Type[:key=value,key=value]``; ``Type`` is a registered mmvit_plugins backbone
 or ``mmdet.X`` / ``mmseg.X`` for a backbone of those codebases, values are Python literals
-(anything else is taken as a string). Each (model, size, batch) runs in its own process so that
-peak memory is its own: on CUDA ``max_memory_allocated``; on CPU the growth of the process's peak
-resident memory over the resident memory just before the first forward (weights and input
-excluded). Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the worker's data) or
-``--timeout`` are reported as such instead of taking the machine down.
+(anything else is taken as a string). On CPU each (model, size, batch) runs in its own process so
+that peak memory is its own: the growth of the process's peak resident memory over the resident
+memory just before the first forward (weights and input excluded). On CUDA one process per
+(model, mode) measures every size and batch (no import and start-up per row): a row's peak is the
+growth of ``torch.cuda.max_memory_allocated`` over what is allocated before its first forward.
+Runs that exceed ``--max-mem-gb`` (CPU: address-space limit on the worker's data) or
+``--timeout`` (seconds per row) are reported as such instead of taking the machine down.
 
 ``ops`` counts the aten operators one warm step dispatches, views and bare allocations excluded
 (``mmvit_plugins.utils.op_count``): on a GPU about the number of kernel launches, which sets the
@@ -28,8 +30,9 @@ same size, batch and mode, the train-step ratio next to the inference one.
 row with ``torch.compile(model, mode=MODE, backend=--compile-backend)`` in its own process and
 prints it beside the eager one: its latency (after the compiling first call and the warm-up),
 the speed-up over eager, its peak memory, and the first call's seconds (compilation included)
-apart. ``--compile-backend aot_eager`` captures the graphs without generating code (a check
-that compiling works, fast; no speed-up expected).
+apart. ``reduce-overhead`` replays CUDA graphs on a GPU: the first call compiles, the warm-up
+records, the timed calls replay. ``--compile-backend aot_eager`` captures the graphs without
+generating code (a check that compiling works, fast; no speed-up expected).
 """
 import argparse
 import ast
@@ -40,10 +43,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 WORKER_FLAG = '--worker'
 FORWARD, TRAIN_STEP = 'fwd', 'fwd+bwd'
+# torch.compile's modes (``torch._inductor.list_mode_options``).
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 # How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
 OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
 
@@ -169,25 +174,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def run_worker(args: argparse.Namespace) -> Dict:
-    """Measure one (model, size, batch) in this process; returns the row as a dict."""
+def _measure_row(args: argparse.Namespace, model, forward, x) -> Dict:
+    """Latency, peak memory and (eager) operators of one step at one input in this process."""
     import torch
 
     from mmvit_plugins.utils.op_count import dispatched_ops
 
-    if args.device == 'cpu' and args.max_mem_gb:
-        limit = int(args.max_mem_gb * 2**30) + _rss_bytes() + 2**30
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    torch.manual_seed(0)
-    name, kwargs = parse_spec(args.models[0])
-    model = build_backbone(name, kwargs).to(args.device)
-    model.train(args.backward)
-    h, w = args.sizes[0]
-    x = torch.randn(args.batch_sizes[0], 3, h, w, device=args.device)
-    forward = model
-    if args.compile:
-        mode = None if args.compile == 'default' else args.compile
-        forward = torch.compile(model, mode=mode, backend=args.compile_backend)
+    cuda = x.device.type == 'cuda'
 
     def step():
         if args.backward:
@@ -197,11 +190,11 @@ def run_worker(args: argparse.Namespace) -> Dict:
         else:
             with torch.no_grad():
                 forward(x)
-        if args.device.startswith('cuda'):
+        if cuda:
             torch.cuda.synchronize()
 
     base = _rss_bytes()
-    if args.device.startswith('cuda'):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     compile_s = None
@@ -215,7 +208,7 @@ def run_worker(args: argparse.Namespace) -> Dict:
         step()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    if args.device.startswith('cuda'):
+    if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
@@ -228,32 +221,103 @@ def run_worker(args: argparse.Namespace) -> Dict:
     return row
 
 
-def _run(args: argparse.Namespace, spec: str, size: Tuple[int, int], batch: int,
-         mode: str, compile_mode: Optional[str] = None) -> Dict:
-    """One (model, size, batch, mode) in a worker process: its row, or the row with ``error``;
-    compiled with ``torch.compile(mode=compile_mode)`` if one is given."""
-    h, w = size
-    cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec, '--sizes', f'{h}x{w}',
-           '--batch-sizes', str(batch), '--device', args.device, '--threads', str(args.threads),
-           '--warmup', str(args.warmup), '--repeats', str(args.repeats), '--max-mem-gb',
-           str(args.max_mem_gb)]
+def run_worker(args: argparse.Namespace) -> None:
+    """Measure one model at every (size, batch) of ``args`` in this process, printing each
+    row as a JSON line as soon as it is measured."""
+    import torch
+
+    if args.device == 'cpu' and args.max_mem_gb:
+        limit = int(args.max_mem_gb * 2**30) + _rss_bytes() + 2**30
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    torch.manual_seed(0)
+    name, kwargs = parse_spec(args.models[0])
+    model = build_backbone(name, kwargs).to(args.device)
+    model.train(args.backward)
+    forward = model
+    if args.compile:
+        mode = None if args.compile == 'default' else args.compile
+        forward = torch.compile(model, mode=mode, backend=args.compile_backend)
+    for h, w in args.sizes:
+        for batch in args.batch_sizes:
+            row = dict(input=f'{h}x{w}', batch=batch)
+            try:
+                x = torch.randn(batch, 3, h, w, device=args.device)
+                row.update(_measure_row(args, model, forward, x))
+            except torch.cuda.OutOfMemoryError:  # the next (smaller) rows may still fit
+                row['error'] = 'OOM'
+            x = None
+            model.zero_grad(set_to_none=True)
+            if args.device.startswith('cuda'):
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+
+
+def _shared_process(device: str) -> bool:
+    """The rows of one model and mode share a worker on CUDA, whose allocator reports each
+    row's peak; on the CPU each row takes its own process (its peak resident memory)."""
+    return device.startswith('cuda')
+
+
+def _run(args: argparse.Namespace, spec: str, shapes: List[Tuple[Tuple[int, int], int]],
+         mode: str, compile_mode: Optional[str] = None) -> List[Dict]:
+    """(model, mode) at every ((H, W), batch) of ``shapes`` in one worker process: one row each,
+    with ``error`` where it has no result; compiled with ``torch.compile(mode=compile_mode)``
+    if one is given. ``shapes`` must be a (sizes x batches) grid."""
+    sizes = list(dict.fromkeys(size for size, _ in shapes))
+    batches = list(dict.fromkeys(batch for _, batch in shapes))
+    cmd = [sys.executable, __file__, WORKER_FLAG, '--models', spec,
+           '--sizes', *(f'{h}x{w}' for h, w in sizes),
+           '--batch-sizes', *(str(b) for b in batches), '--device', args.device,
+           '--threads', str(args.threads), '--warmup', str(args.warmup),
+           '--repeats', str(args.repeats), '--max-mem-gb', str(args.max_mem_gb)]
     if mode == TRAIN_STEP:
         cmd.append('--backward')
     if compile_mode:
         cmd += ['--compile', compile_mode, '--compile-backend', args.compile_backend]
-    row = dict(model=spec, input=f'{h}x{w}', batch=batch, mode=mode)
+    rows = {(f'{h}x{w}', b): dict(model=spec, input=f'{h}x{w}', batch=b, mode=mode)
+            for (h, w), b in shapes}
+    error = None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode == 0:
-            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        else:
-            err = proc.stderr.lower()
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=args.timeout * len(shapes))
+        stdout, stderr = proc.stdout, proc.stderr
+        if proc.returncode != 0:
+            err = stderr.lower()
             oom = any(m in err for m in OOM_MESSAGES) or proc.returncode in (-9, 137)
-            row['error'] = (f'OOM (> {args.max_mem_gb:g} GB)' if oom else
-                            proc.stderr.strip().splitlines()[-1][:120])
-    except subprocess.TimeoutExpired:
-        row['error'] = f'timeout (> {args.timeout:g} s)'
-    return row
+            limit = '' if _shared_process(args.device) else f' (> {args.max_mem_gb:g} GB)'
+            error = (f'OOM{limit}' if oom else
+                     (stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1][:120])
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ''
+        error = f'timeout (> {args.timeout:g} s)'
+    for line in stdout.splitlines():
+        if line.startswith('{'):
+            measured = json.loads(line)
+            rows[(measured.pop('input'), measured.pop('batch'))].update(measured)
+    for row in rows.values():
+        if 'latency_ms' not in row and 'error' not in row:
+            row['error'] = error or 'not measured'
+    return list(rows.values())
+
+
+def row_groups(device: str, grid: List[Tuple[Tuple[int, int], int]]
+               ) -> List[List[Tuple[Tuple[int, int], int]]]:
+    """The ((H, W), batch) shapes of ``grid`` measured together, one worker process each."""
+    return [grid] if _shared_process(device) else [[shape] for shape in grid]
+
+
+def measure_all(args: argparse.Namespace, modes: List[str]) -> Iterator[Dict]:
+    """Every row of the table, eager with its compiled twin in ``row['compiled']`` (with
+    --compile); yielded as soon as measured."""
+    grid = [((h, w), batch) for h, w in args.sizes for batch in args.batch_sizes]
+    for group in row_groups(args.device, grid):
+        for spec in args.models:
+            for mode in modes:
+                rows = _run(args, spec, group, mode)
+                if args.compile:
+                    for row, comp in zip(rows, _run(args, spec, group, mode, args.compile)):
+                        row['compiled'] = comp
+                yield from rows
 
 
 def main() -> None:
@@ -284,7 +348,7 @@ def main() -> None:
         import torch
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        run_worker(args)
         return
     for spec in args.models:
         parse_spec(spec)  # fail early on a malformed spec
@@ -292,21 +356,22 @@ def main() -> None:
         parser.error(f'--baseline {args.baseline!r} must be one of --models: {args.models}')
     modes = measured_modes(args)
 
+    if args.compile and args.compile not in COMPILE_MODES:
+        parser.error(f'--compile {args.compile!r} is invalid; allowed values: {COMPILE_MODES}')
+    device = args.device.split(':')[0]
+    if device == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            parser.error('--device cuda: torch sees no CUDA device here')
     rows = []
     print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
           f'median of {args.repeats} after {args.warmup} warm-up'
           + (f'; compiled: torch.compile(mode={args.compile!r}, backend='
              f'{args.compile_backend!r})' if args.compile else ''))
     print('\n'.join(table_header(bool(args.compile))), flush=True)
-    for h, w in args.sizes:
-        for batch in args.batch_sizes:
-            for spec in args.models:
-                for mode in modes:
-                    row = _run(args, spec, (h, w), batch, mode)
-                    if args.compile:
-                        row['compiled'] = _run(args, spec, (h, w), batch, mode, args.compile)
-                    rows.append(row)
-                    print(table_row(row, bool(args.compile)), flush=True)
+    for row in measure_all(args, modes):
+        rows.append(row)
+        print(table_row(row, bool(args.compile)), flush=True)
     if args.baseline is not None:
         print('\n' + '\n'.join(ratio_table(rows, args.baseline, modes)))
     if args.json:

@@ -30,7 +30,6 @@ import torch
 from mmdeploy.apis import build_task_processor, torch2onnx
 from mmdeploy.apis.utils import to_backend
 from mmdeploy.utils import (
-    IR,
     get_backend,
     get_codebase_config,
     get_input_shape,
@@ -41,6 +40,7 @@ from mmdeploy.utils import (
 from mmengine.config import Config
 from mmengine.utils import mkdir_or_exist
 
+from mmvit_plugins.checkpoint import safe_mmengine_loading
 from mmvit_plugins.deployment import rewriters  # noqa: F401  (registers the rewriters)
 from mmvit_plugins.deployment.agreement import (
     detection_agreement,
@@ -55,7 +55,6 @@ from mmvit_plugins.deployment.utils import (
     load_deploy_configs,
     remove_quietly,
 )
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -80,13 +79,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def export(img: str, work_dir: str, deploy_cfg: Config, model_cfg: Config, checkpoint: str,
            device: str, trust_checkpoint: bool = False) -> str:
     """``torch2onnx`` into a temporary file, checked, then moved to the deploy config's
-    ``save_file`` under ``work_dir``; returns its path."""
+    ``save_file`` under ``work_dir``; returns its path. ``deploy_cfg`` has been checked by
+    ``load_deploy_configs`` (ONNX is its IR)."""
     import onnx
-    ir_config = get_ir_config(deploy_cfg)
-    if IR.get(ir_config.get('type')) != IR.ONNX:
-        raise ValueError(f"DEPLOY_CFG: ir_config type={ir_config.get('type')!r} is not "
-                         "supported; allowed values: ['onnx']")
-    final = osp.join(work_dir, ir_config['save_file'])
+    final = osp.join(work_dir, get_ir_config(deploy_cfg)['save_file'])
     stem = osp.splitext(osp.basename(final))[0]
     partial = f'.{stem}.partial-{os.getpid()}'
     partial_path = osp.join(work_dir, partial + '.onnx')

@@ -110,11 +110,14 @@ def demo_overrides(cfg: Config, task: str, iters: int, lr: float, batch_size: in
     cfg.optim_wrapper.clip_grad = dict(max_norm=1.0, norm_type=2)
     cfg.train_dataloader.batch_size = batch_size
     if task == 'seg':
+        warmup = min(warmup, iters)
         cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=iters)
         cfg.param_scheduler = [
             dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=warmup),
-            dict(type='PolyLR', eta_min=0.0, power=1.0, by_epoch=False, begin=warmup, end=iters),
         ]
+        if warmup < iters:
+            cfg.param_scheduler.append(dict(type='PolyLR', eta_min=0.0, power=1.0,
+                                            by_epoch=False, begin=warmup, end=iters))
         cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
                                             interval=iters)
         schedule = f'{iters} iterations'

@@ -9,7 +9,7 @@ image with ``--opacity``). Loading the config imports what its ``custom_imports`
 plugin); the model is built by mmdet's ``init_detector`` / mmseg's ``init_model``, the image goes
 through the config's test pipeline (``test_dataloader.dataset.pipeline`` without annotation
 loading) and the config's visualizer paints the result, at the image's size. CHECKPOINT is read
-with the safe loader of mmvit_plugins.utils.checkpoint; --trust-checkpoint unpickles it fully.
+with the safe loader of mmvit_plugins.checkpoint; --trust-checkpoint unpickles it fully.
 """
 import argparse
 import os.path as osp
@@ -21,7 +21,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import VISUALIZERS
 
-from mmvit_plugins.utils.checkpoint import safe_mmengine_loading
+from mmvit_plugins.checkpoint import safe_mmengine_loading
 from mmvit_plugins.utils.runtime import config_scope, register_scope, replace_sync_bn
 
 

@@ -11,17 +11,21 @@ expect them, ``checkpoints/<backbone>-<size>_mmvit.pth``. Keys are renamed by th
 the final ``norm`` becomes ``out_norm3`` and relative position bias tables are resized to
 ``--window-size``. The weights are ``model`` / ``state_dict`` (``state_dict_ema`` with
 ``--use-ema``, or when it is the only one). The source is read with the safe loader (tensors and
-plain containers only, see ``mmvit_plugins.utils.checkpoint``); ``--trust-checkpoint`` unpickles
+plain containers only, see ``mmvit_plugins.checkpoint``); ``--trust-checkpoint`` unpickles
 everything, for a file you trust. The result holds ``state_dict`` (backbone keys) for
 ``init_cfg=dict(type='Pretrained', checkpoint=...)``; every key that does not match the backbone
 is logged by name, fewer than half of the backbone's tensors matched is an error, and the sha256
 of the written file is printed.
 """
 import argparse
+import os.path as osp
+import sys
 from typing import Optional, Sequence
 
 from mmvit_plugins.models.backbones import BOATCSWin, BOATSwin
-from mmvit_plugins.utils.checkpoint import add_converter_arguments, convert_checkpoint_file
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from conversion import add_converter_arguments, convert_checkpoint_file  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -1,11 +1,13 @@
 """What every backbone of the plugin shares: the argument checks, pretrained loading, freezing,
-the weight init, the per-output norms and the stage loop."""
+the weight init, the per-output norms, activation checkpointing and the stage loop."""
 import math
 import numbers
+from contextlib import contextmanager, nullcontext
 from typing import (
     Any,
     Dict,
     Iterable,
+    Iterator,
     List,
     Mapping,
     Optional,
@@ -17,19 +19,20 @@ from typing import (
 
 import torch
 import torch.utils.checkpoint as cp
-from mmengine.logging import MMLogger
+from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
-from mmvit_plugins.models.layers.capture import contains
-from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
-from mmvit_plugins.models.layers.window import window_attention_mask
-from mmvit_plugins.utils.checkpoint import (
+from mmvit_plugins.checkpoint import (
+    KeyLayout,
     extract_state_dict,
     load_checkpoint_file,
     load_state_dict_report,
 )
+from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
+from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
+from mmvit_plugins.models.layers.window import window_attention_mask
 
 
 # -- argument checks: every backbone speaks this one vocabulary ------------------------------
@@ -176,6 +179,8 @@ def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype every output of a forward has: autocast's where it is on, else the input's."""
     device = x.device.type
+    if not has_autocast(device):
+        return x.dtype
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
         enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     elif device == 'cpu':
@@ -183,6 +188,12 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     else:
         enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
     return dtype if enabled else x.dtype
+
+
+def has_rng_state(device: torch.device) -> bool:
+    """The device type has a random state for activation checkpointing to save and restore
+    (the CPU's, ``torch.<type>.get_rng_state`` of CUDA and the like); ``meta`` has none."""
+    return device.type == 'cpu' or hasattr(getattr(torch, device.type, None), 'get_rng_state')
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
@@ -199,6 +210,36 @@ def init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# -- activation checkpointing -----------------------------------------------------------------
+@contextmanager
+def _recomputation(module: nn.Module) -> Iterator[None]:
+    """The backward's recomputation of ``module``: the buffers of its BatchNorms (running
+    statistics, batch counts) are restored afterwards, whatever updated them (a BatchNorm's
+    own forward, the refiner's statistics update), so that they move once per forward."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in zip(norms, saved):
+                for buffer, value in zip(norm.buffers(recurse=False), buffers):
+                    buffer.copy_(value)
+
+
+def checkpoint(module: nn.Module, *args: Any) -> Any:
+    """``module(*args)`` with its activations recomputed in the backward (torch's non-reentrant
+    checkpoint), free of effects in the recomputation (:func:`_recomputation`). A captured
+    graph is recomputed by its compiler, which replays no effect. ``args[0]`` is a tensor on
+    the device the module runs on."""
+    rng = has_rng_state(args[0].device)
+    if capturing():
+        return cp.checkpoint(module, *args, use_reentrant=False, preserve_rng_state=rng)
+    return cp.checkpoint(module, *args, use_reentrant=False, preserve_rng_state=rng,
+                         context_fn=lambda: (nullcontext(), _recomputation(module)))
 
 
 # -- stages ---------------------------------------------------------------------------------
@@ -227,7 +268,7 @@ class Stage(nn.Module):
             x = self.downsample(x)
         for block, args in zip(self.blocks, self.block_args(x)):
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, *args, use_reentrant=False)
+                x = checkpoint(block, x, *args)
             else:
                 x = block(x, *args)
         if self.downsample is None or self.downsample_first:
@@ -276,12 +317,25 @@ class PyramidBackbone(BaseModule):
     (B, H/4, W/4, C)), ``embed_drop``, then ``stages`` (:class:`Stage`), each returned output
     after its norm, as NCHW.
 
+    Only what feeds an output is built: the stages up to the last one in ``out_indices``
+    (``num_stages`` of them), without the downsampling after the last one, and the output norms
+    of ``out_indices``. Every parameter of the model then gets a gradient, so that DDP trains
+    with ``find_unused_parameters=False`` (mm configs' default) for any ``out_indices``, and
+    nothing is computed or kept for outputs nobody reads. (mmdet's Swin builds and runs every
+    stage: with ``out_indices=(0, 1, 2)`` its last stage gets no gradient and DDP stops at the
+    second iteration unless unused parameters are searched for every iteration.) A checkpoint
+    of the whole model loads: the keys of the parts not built are left out, with an info
+    message (:meth:`loadable_state_dict`).
+
     A subclass builds its modules, then calls :meth:`_finish_init`. By default frozen stage k
     means the stem, stages 0..k-1 and their output norms (mmdet's Swin); a subclass with another
     layout overrides :meth:`_frozen_modules`. ``norm_eval`` is an argument only of backbones
     with BatchNorm layers (RefinerViT).
     """
+    # Prefixes of the keys public checkpoints never hold (left at their initial values).
     _keys_not_in_public_checkpoints: Tuple[str, ...] = ('out_norm',)
+    # How this family's checkpoint keys look (public release, converted), to tell families apart.
+    checkpoint_layouts: Tuple[KeyLayout, ...] = ()
     norm_eval: bool = False
 
     def __init__(self, in_channels: int, out_indices: Union[int, Sequence[int]],
@@ -293,6 +347,7 @@ class PyramidBackbone(BaseModule):
         self.frozen_stages = check_int('frozen_stages', frozen_stages, -1, num_frozen_units)
         self.with_cp = bool(with_cp)
         self.use_ema = bool(use_ema)
+        self.num_stages = self.out_indices[-1] + 1
 
     def _add_out_norms(self, widths: Sequence[int],
                        norm_layer: Type[nn.Module] = nn.LayerNorm) -> None:
@@ -313,12 +368,33 @@ class PyramidBackbone(BaseModule):
         """Map a public checkpoint's keys/tensors onto this module's. Identity by default."""
         return state_dict
 
+    def unbuilt_key_prefixes(self) -> Tuple[str, ...]:
+        """Key prefixes (converted) of what the whole model has and ``out_indices`` leaves
+        unbuilt: the other output norms and the stages after the last output."""
+        return tuple([f'out_norm{i}.' for i in range(len(PYRAMID_STRIDES))
+                      if i not in self.out_indices] +
+                     [f'stages.{i}.' for i in range(self.num_stages, len(PYRAMID_STRIDES))])
+
+    def loadable_state_dict(self, state_dict: Dict[str, torch.Tensor]
+                            ) -> Dict[str, torch.Tensor]:
+        """:meth:`convert_checkpoint`, less the keys of the parts not built (an info message
+        counts them): what loading a checkpoint of the whole model into this one takes."""
+        converted = self.convert_checkpoint(state_dict)
+        prefixes = self.unbuilt_key_prefixes()
+        unbuilt = [k for k in converted if k.startswith(prefixes)]
+        if unbuilt:
+            parts = sorted({p.rstrip('.') for p in prefixes for k in unbuilt if k.startswith(p)})
+            print_log(f'{type(self).__name__}: out_indices={self.out_indices} leaves {parts} '
+                      f'unbuilt: their {len(unbuilt)} checkpoint tensors are not loaded',
+                      logger='current')
+        return {k: v for k, v in converted.items() if not k.startswith(prefixes)}
+
     def init_weights(self) -> None:
         """Initialise, or load ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
 
         The init_cfg may also hold ``prefix`` (take the keys under it), ``map_location`` and
         ``trust_checkpoint``. The checkpoint is read with the safe loader of
-        ``mmvit_plugins.utils.checkpoint`` (tensors and plain containers);
+        ``mmvit_plugins.checkpoint`` (tensors and plain containers);
         ``trust_checkpoint=True`` unpickles everything, which runs whatever code the file
         names: only for a file you trust. Raises a ValueError naming the checkpoint and the
         family its keys look like when fewer than half of the tensors load.
@@ -348,7 +424,7 @@ class PyramidBackbone(BaseModule):
                                    logger=logger)
         self.load_report = load_state_dict_report(
             self, state, ignore_missing=self._keys_not_in_public_checkpoints, logger=logger,
-            checkpoint=checkpoint, convert=self.convert_checkpoint, min_loaded=0.5)
+            checkpoint=checkpoint, convert=self.loadable_state_dict, min_loaded=0.5)
         self._is_init = True
         self._freeze_stages()
 
@@ -356,7 +432,7 @@ class PyramidBackbone(BaseModule):
     def _frozen_modules(self, frozen_stages: int) -> List[nn.Module]:
         """Modules (and parameters wrapped in modules) frozen for ``frozen_stages``."""
         modules = [self.patch_embed] if frozen_stages >= 0 else []
-        for i in range(frozen_stages):
+        for i in range(min(frozen_stages, len(self.stages))):
             modules.append(self.stages[i])
             if i in self.out_indices:
                 modules.append(getattr(self, f'out_norm{i}'))
@@ -396,8 +472,6 @@ class PyramidBackbone(BaseModule):
         x = self.embed_drop(self.patch_embed(x))
         outs = []
         for i, stage in enumerate(self.stages):
-            if i > self.out_indices[-1]:
-                break
             out, x = stage(x)
             if contains(self.out_indices, i):
                 out = getattr(self, f'out_norm{i}')(out)

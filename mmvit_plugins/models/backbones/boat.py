@@ -17,6 +17,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table_sim
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from mmvit_plugins.checkpoint import KeyLayout
+
 from ..layers import (
     FeatureSpaceLocalAttention,
     WindowMSA,
@@ -59,6 +61,13 @@ _SWIN_RULES = (
     (r'\.get_v\.', '.lepe.'),
     (r'\.norm4\.', '.fsla_norm.'),
 )
+_SWIN_LAYOUTS = (
+    KeyLayout('BOAT-Swin, public layout', r'^layers\.\d+\.blocks\.\d+\.attnC\.',
+              r'^layers\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+    KeyLayout('BOAT-Swin, converted layout',
+              r'^stages\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$',
+              r'^stages\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
+)
 
 _CSWIN_RULES = (
     (r'^head\.', None),
@@ -72,6 +81,12 @@ _CSWIN_RULES = (
     (r'\.content_attn\.', '.fsla.'),
     (r'\.get_v\.', '.lepe.'),
     (r'\.norm3\.', '.fsla_norm.'),
+)
+_CSWIN_LAYOUTS = (
+    KeyLayout('BOAT-CSWin, public layout', r'^stage\d\.\d+\.content_attn\.',
+              r'^stage(\d)\.(\d+)\.', 'stage1_conv_embed.0.weight'),
+    KeyLayout('BOAT-CSWin, converted layout', r'^stages\.\d+\.blocks\.\d+\.attn\.lepe\.\d+\.',
+              r'^stages\.(\d+)\.blocks\.(\d+)\.', 'patch_embed.proj.weight'),
 )
 
 
@@ -175,10 +190,17 @@ class _BOATBackbone(PyramidBackbone):
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return _rename(state_dict, self.public_key_rules)
 
+    def unbuilt_key_prefixes(self) -> Tuple[str, ...]:
+        """As the base, and the downsampling after the last stage built (the next stage's
+        input)."""
+        last = self.num_stages - 1
+        downsample = (f'stages.{last}.downsample.', ) if last < 3 else ()
+        return super().unbuilt_key_prefixes() + downsample
+
     def fsla_levels(self, hw: Tuple[int, int]) -> Tuple[int, ...]:
-        """Per stage, the clustering levels of its FSLA for an (H, W) input (0: one group, or
-        no FSLA). A graph exported (ONNX) at one input size serves exactly the sizes with the
-        same levels; a graph compiled with dynamic shapes guards on them."""
+        """Per stage built, the clustering levels of its FSLA for an (H, W) input (0: one
+        group, or no FSLA). A graph exported (ONNX) at one input size serves exactly the sizes
+        with the same levels; a graph compiled with dynamic shapes guards on them."""
         levels = []
         h, w = ceil_div(hw[0], 4), ceil_div(hw[1], 4)
         for stage in self.stages:
@@ -206,6 +228,7 @@ class BOATSwin(_BOATBackbone):
         Others as mmdet's ``SwinTransformer``; see ``docs/backbones/boat.md``.
     """
     public_key_rules = _SWIN_RULES
+    checkpoint_layouts = _SWIN_LAYOUTS
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=96, depths=[2, 2, 6, 2],
                                             num_heads=[3, 6, 12, 24])),
@@ -240,8 +263,9 @@ class BOATSwin(_BOATBackbone):
                                       dynamic_img_pad=True)
         self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads, rates) in enumerate(zip(
-                arch['depths'], arch['num_heads'], stage_rates(drop_path_rate, arch['depths']))):
+        for i, depth, heads, rates in zip(range(self.num_stages), arch['depths'],
+                                          arch['num_heads'],
+                                          stage_rates(drop_path_rate, arch['depths'])):
             blocks = [
                 BOATSwinBlock(widths[i], heads, window_size, shifted=j % 2 == 1,
                               fsla=make_fsla(widths[i], heads)
@@ -250,7 +274,8 @@ class BOATSwin(_BOATBackbone):
                               attn_drop=attn_drop_rate, drop_path=rates[j])
                 for j in range(depth)
             ]
-            downsample = PatchMerging(widths[i], widths[i + 1]) if i < 3 else None
+            downsample = PatchMerging(widths[i], widths[i + 1]) \
+                if i < self.num_stages - 1 else None
             self.stages.append(WindowStage(blocks, window_size, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
         self._finish_init()
@@ -450,6 +475,7 @@ class BOATCSWin(_BOATBackbone):
     ``out_norm3``; the classifier ``head`` is dropped.
     """
     public_key_rules = _CSWIN_RULES
+    checkpoint_layouts = _CSWIN_LAYOUTS
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=64, depths=[1, 2, 21, 1],
                                             num_heads=[2, 4, 8, 16], split_sizes=[1, 2, 7, 7])),
@@ -484,9 +510,9 @@ class BOATCSWin(_BOATBackbone):
         self.patch_embed = CSWinPatchEmbed(in_channels, widths[0])
         self.embed_drop = nn.Dropout(drop_rate)
         self.stages = nn.ModuleList()
-        for i, (depth, heads, split, rates) in enumerate(zip(
-                arch['depths'], arch['num_heads'], arch['split_sizes'],
-                stage_rates(drop_path_rate, arch['depths']))):
+        for i, depth, heads, split, rates in zip(
+                range(self.num_stages), arch['depths'], arch['num_heads'], arch['split_sizes'],
+                stage_rates(drop_path_rate, arch['depths'])):
             if i < 3:
                 windows = [(None, split), (split, None)]
             else:
@@ -498,7 +524,7 @@ class BOATCSWin(_BOATBackbone):
                                drop_path=rates[j])
                 for j in range(depth)
             ]
-            downsample = ConvMerge(widths[i], widths[i + 1]) if i < 3 else None
+            downsample = ConvMerge(widths[i], widths[i + 1]) if i < self.num_stages - 1 else None
             self.stages.append(CrossShapedStage(blocks, downsample, with_cp=with_cp))
         self._add_out_norms(widths)
         self._finish_init()

@@ -14,6 +14,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from mmvit_plugins.checkpoint import KeyLayout
+
 from ..layers import WindowMSA, attend_in_windows, is_concrete, resample_to_grid
 from ..layers.resample import RESAMPLE_MODES
 from .base import (
@@ -107,7 +109,8 @@ class GLD(nn.Module):
         """(B, C, H, W) -> (B, C, H0, W0): torch's antialiased bilinear interpolation or
         adaptive average pooling as matrix products (:func:`resample_to_grid`, which exports
         to ONNX for any size), in float32 for 16-bit inputs, returned in the input's dtype."""
-        return resample_to_grid(x.float(), self.grid_size, self.resize_mode).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return resample_to_grid(x.to(compute), self.grid_size, self.resize_mode).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
@@ -232,6 +235,9 @@ class MAFormer(PyramidBackbone):
         init_cfg: ``dict(type='Pretrained', checkpoint=path[, prefix=...])`` loads weights and
             reports unmatched keys by name; otherwise truncated-normal init.
     """
+    checkpoint_layouts = (KeyLayout('MAFormer', r'^stages\.\d+\.blocks\.\d+\.gld\.',
+                                    r'^stages\.(\d+)\.blocks\.(\d+)\.',
+                                    'patch_embed.proj.weight'), )
     arch_zoo: Dict[str, dict] = {
         **dict.fromkeys(['t', 'tiny'], _arch(96, (2, 2, 6, 2), (3, 6, 12, 24))),
         **dict.fromkeys(['s', 'small'], _arch(64, (1, 2, 21, 1), (2, 4, 8, 16))),
@@ -274,9 +280,8 @@ class MAFormer(PyramidBackbone):
         self.embed_drop = nn.Dropout(drop_rate)
         grid = tuple(math.ceil(s / 4) for s in self.pretrain_img_size)
         self.stages = nn.ModuleList()
-        for i, (dim, heads, rates) in enumerate(zip(
-                widths, arch['num_heads'],
-                stage_rates(drop_path_rate, arch['depths']))):
+        for i, dim, heads, rates in zip(range(self.num_stages), widths, arch['num_heads'],
+                                        stage_rates(drop_path_rate, arch['depths'])):
             common = dict(dim=dim, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                           drop=drop_rate, attn_drop=attn_drop_rate)
             downsample = PatchMerging(widths[i - 1], dim) if i > 0 else None

@@ -3,7 +3,7 @@ from .capture import capturing, ceil_div, contains, crop_end, is_concrete, pad_e
 from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout
 from .pos_embed import resize_abs_pos_embed
 from .pyramid import SimpleFeaturePyramid
-from .resample import resample_to_grid, resample_weights
+from .resample import bicubic_weights, resample_to_grid, resample_weights
 from .window import (
     attend_in_windows,
     pad_to_multiple,
@@ -17,8 +17,8 @@ from .window import (
 
 __all__ = [
     'FeatureSpaceLocalAttention', 'SimpleFeaturePyramid', 'WindowMSA', 'attend_in_windows',
-    'balanced_clustering', 'capturing', 'ceil_div', 'contains', 'crop_end', 'group_layout',
-    'is_concrete', 'pad_end', 'pad_to', 'pad_to_multiple', 'resample_to_grid',
+    'balanced_clustering', 'bicubic_weights', 'capturing', 'ceil_div', 'contains', 'crop_end',
+    'group_layout', 'is_concrete', 'pad_end', 'pad_to', 'pad_to_multiple', 'resample_to_grid',
     'resample_weights', 'resize_abs_pos_embed', 'window_attention_mask', 'window_count',
     'window_extent', 'window_padding_mask', 'window_partition', 'window_reverse'
 ]

@@ -6,6 +6,7 @@ with Python operators (``+ - * // %``) works on all three and stays symbolic; wh
 size's value (leaving out a mask, skipping a no-op resize, caching) is decided only in eager
 code, so that every captured graph takes the general path.
 """
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache, wraps
 from typing import Any, Callable, Iterable, Iterator, Sequence, Tuple, Union
 
@@ -15,9 +16,33 @@ import torch.nn.functional as F
 Size = Union[int, torch.SymInt, torch.Tensor]
 
 
+# The device types torch implements autocast for, asked once at import: dynamo does not trace
+# ``torch.amp.is_autocast_available``. A backend that registers later is asked in eager code.
+_AUTOCAST_DEVICE_TYPES = tuple(
+    device_type for device_type in ('cpu', 'cuda', 'xpu', 'hpu', 'mps', 'xla', 'ipu', 'mtia',
+                                    torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(device_type))
+
+
 def capturing() -> bool:
     """A graph is being captured: compiled by dynamo or traced (ONNX export)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def has_autocast(device_type: str) -> bool:
+    """torch implements autocast on this device type (``meta`` has none: asking for its state
+    or turning it off raises)."""
+    if device_type in _AUTOCAST_DEVICE_TYPES:
+        return True
+    return not capturing() and torch.amp.is_autocast_available(device_type)
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """``torch.autocast(device.type, enabled=False)``; nothing to turn off on a device type
+    without autocast."""
+    if has_autocast(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def is_concrete(*sizes: Size) -> bool:

@@ -21,8 +21,14 @@ padding (up to N slots) costs time and no graph is captured, the same code runs 
 attention runs on s query slots per group, the real tokens of each group and fewer than G
 padding slots in all, which are masked out as keys and never read back as queries.
 
-The clustering runs in float32 (float64 for float64 inputs) with autocast off, whatever the
-compute dtype: bf16 sort keys would take hundreds of distinct values for thousands of tokens.
+The clustering runs with autocast off, whatever the compute dtype (bf16 sort keys would take
+hundreds of distinct values for thousands of tokens): in float32 on the CPU and MPS, in float64
+for float64 inputs and on other devices (GPUs). There its products (scores against the
+centroids, centroid sums) keep full precision whatever ``torch.backends.cuda.matmul.allow_tf32``
+or ``torch.set_float32_matmul_precision`` say: TF32 products (10-bit mantissa), which the
+assignment's sharpness of 100 amplifies, move many tokens to other groups than the float32 or
+float64 clustering (docs/training.md). The cost: the clustered features (no gradient, freed
+after the clustering) take twice the memory, and the products with two centroids run in float64.
 """
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Size, capturing, is_concrete, size_cache
+from .capture import Size, autocast_off, capturing, is_concrete, size_cache
 
 # Added to every centroid sum so that its norm is never zero (its square is a normal float32).
 _CENTROID_EPS = 1e-18
@@ -77,22 +83,21 @@ def num_levels(num_tokens: Size, group_size: int) -> int:
 
 
 @lru_cache(maxsize=16)
-def _count_offsets(num_levels: int) -> torch.Tensor:
-    """(k + 1, 2**k) r with the real tokens of group g at level l = ``(N + r[l, g]) // 2**l``
-    (first 2**l entries): a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
+def _count_offsets(num_levels: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Per level l = 0..k, the (2**l,) r with the real tokens of group g at level l
+    ``(N + r[g]) // 2**l``: a ceil/floor split gives child 0 ``(c + 1) // 2`` and child 1
     ``c // 2``, i.e. offsets ``r + 2**l`` and ``r``."""
-    rows = [torch.zeros(1, dtype=torch.long)]
+    rows = [torch.zeros(1, dtype=torch.long, device=device)]
     for level in range(num_levels):
         rows.append(torch.stack([rows[-1] + (1 << level), rows[-1]], 1).flatten())
-    return torch.stack([F.pad(row, (0, (1 << num_levels) - row.numel())) for row in rows])
+    return tuple(rows)
 
 
 def _level_counts(num_tokens: Size, levels: int, device: torch.device) -> List[torch.Tensor]:
     """Real tokens of every group at levels 0..k: each group splits ceil/floor, the first child
     taking the larger half."""
-    offsets = _count_offsets(levels).to(device)
-    return [(offsets[level, :1 << level] + num_tokens) // (1 << level)
-            for level in range(levels + 1)]
+    return [(offsets + num_tokens) // (1 << level)
+            for level, offsets in enumerate(_count_offsets(levels, device))]
 
 
 def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -105,9 +110,9 @@ def _child_slots(shares: torch.Tensor, num_slots: int) -> torch.Tensor:
     """
     groups, regions = shares.shape
     n = num_slots // groups
-    first = torch.arange(0, num_slots, n)[:, None, None]  # the group's first slot
+    first = torch.arange(0, num_slots, n, device=shares.device)[:, None, None]  # group starts
     start = (shares.cumsum(1) - shares)[..., None] + first
-    pos = torch.arange(n // regions)
+    pos = torch.arange(n // regions, device=shares.device)
     return torch.where(pos < shares[..., None], start + pos, first + (n - 1)).flatten()
 
 
@@ -182,8 +187,10 @@ def _score_tail(sharpness: float, dtype: torch.dtype, device: torch.device) -> t
     unit vector, against the slots' ``[1, padding]`` columns. Real tokens score
     ``sharpness * (s_j + 1)``; padding scores ``(sharpness + big, sharpness)``, so that it takes
     no weight and sorts behind the real tokens."""
-    big = torch.finfo(dtype).max / 16
-    return torch.tensor([[sharpness, big], [sharpness, 0.]], dtype=dtype, device=device)
+    tail = torch.full((2, 2), sharpness, dtype=dtype, device=device)
+    tail[0, 1] = torch.finfo(dtype).max / 16
+    tail[1, 1] = 0.
+    return tail
 
 
 @lru_cache(maxsize=16)
@@ -205,7 +212,7 @@ def _halves(num_slots: int, dtype: torch.dtype, device: torch.device) -> torch.T
 
 @lru_cache(maxsize=16)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 @size_cache(maxsize=64)
@@ -215,9 +222,17 @@ def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> tor
     return torch.arange(0, rows * shape.num_slots, 4 * shape.group_slots, device=device)
 
 
+def clustering_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 features and on devices whose float32 products may run in TF32
+    (every device but the CPU and MPS); else float32."""
+    if x.dtype == torch.float64 or x.device.type not in ('cpu', 'mps'):
+        return torch.float64
+    return torch.float32
+
+
 def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(..., N, d) features -> the slot features of :func:`cluster_slots`, float32 (float64 for
-    float64 inputs): (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
+    """(..., N, d) features -> the slot features of :func:`cluster_slots`, in
+    :func:`clustering_dtype`: (R, P, d) raw features (zero for padding) and (R, P, d + 3) scored
     features: unit features, 1, the padding flag and the slot's token (N for padding).
 
     This is the only step whose work depends on N; its outputs have the static shapes of
@@ -226,7 +241,7 @@ def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, t
     num_tokens, dim = x.shape[-2:]
     if is_concrete(num_tokens) and num_tokens != layout.num_tokens:
         raise ValueError(f'x has {num_tokens} tokens, the layout is for {layout.num_tokens}')
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = clustering_dtype(x)
     # padding slots read a zero token N
     tokens = torch.cat([x.to(dtype), x.new_zeros(*x.shape[:-2], 1, dim, dtype=dtype)], -2)
     raw = tokens.view(-1, num_tokens + 1, dim).index_select(1, layout.slot_tokens)
@@ -297,8 +312,8 @@ def cluster_slots(raw: torch.Tensor, scored: torch.Tensor, child_slots: torch.Te
 @torch.no_grad()
 def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
                         sharpness: float = 100.) -> torch.Tensor:
-    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``, in float32
-    (float64 for float64 inputs) whatever the autocast state.
+    """Balanced hierarchical 2-means of the rows of every (N, d) matrix in ``x``, in
+    :func:`clustering_dtype` whatever the autocast state.
 
     Args:
         x: (..., N, d) features (one matrix per image and head; any strides and dtype).
@@ -309,7 +324,7 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
         (R, G * m) long, R = the product of the leading dims: the token of every slot in group
         order (G groups of m slots, real tokens first); padding slots hold N.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         order = cluster_slots(*slot_features(x, layout), layout.child_slots, layout.shape,
                               iters, sharpness)
     return order.view(order.shape[0], -1)
@@ -448,4 +463,5 @@ class FeatureSpaceLocalAttention(nn.Module):
 
 __all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
                       'balanced_clustering', 'build_group_layout', 'cluster_slots',
+                      'clustering_dtype',
                       'group_layout', 'num_levels', 'slot_features']

@@ -2,27 +2,33 @@
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 
 from .capture import Size, is_concrete
+from .resample import bicubic_weights
 
 
 def resize_abs_pos_embed(pos_embed: torch.Tensor, new_size: Tuple[Size, Size],
-                         old_size: Tuple[int, int], num_prefix_tokens: int = 0,
-                         mode: str = 'bicubic') -> torch.Tensor:
-    """(1, prefix + h0*w0, C) -> (1, prefix + h*w, C): the grid part interpolated (no
-    antialiasing), the prefix (class) tokens kept; timm's ``resample_abs_pos_embed`` for int
-    sizes. A symbolic or traced size is always interpolated (timm skips square grids with the
-    old token count by a Python branch, which a traced graph would freeze at the export size);
-    at the old size the interpolation is the identity."""
+                         old_size: Tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(1, prefix + h0*w0, C) -> (1, prefix + h*w, C): the grid part resized bicubically, the
+    prefix (class) tokens kept.
+
+    The values of ``F.interpolate(mode='bicubic', align_corners=False)`` (timm's
+    ``resample_abs_pos_embed``), computed as two products with fixed :func:`bicubic_weights`
+    matrices, in float32 for 16-bit embeddings: their backward is deterministic on every
+    device (the bicubic interpolation's backward on CUDA is not, and raises under
+    ``torch.use_deterministic_algorithms(True)``), and exported graphs resize for any size.
+    A symbolic or traced size is always resized; an int size equal to the old one returns the
+    embedding unchanged (the weights would be the identity).
+    """
     h, w = new_size
-    if is_concrete(h, w):
-        return resample_abs_pos_embed(pos_embed, [h, w], list(old_size),
-                                      num_prefix_tokens=num_prefix_tokens,
-                                      interpolation=mode, antialias=False)
+    if is_concrete(h, w) and (h, w) == tuple(old_size):
+        return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    grid = grid.reshape(1, *old_size, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(h, w), mode=mode, align_corners=False)
-    grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    dtype = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    rows = bicubic_weights(old_size[0], h, pos_embed.device, dtype)
+    cols = bicubic_weights(old_size[1], w, pos_embed.device, dtype)
+    channels = grid.shape[-1]
+    # (h0, w0 * C) -> (h, w0 * C) -> (h, w0, C) -> (h, w, C)
+    grid = rows @ grid.reshape(old_size[0], old_size[1] * channels).to(dtype)
+    grid = cols @ grid.reshape(h, old_size[1], channels)
+    return torch.cat([prefix, grid.reshape(1, h * w, channels).to(pos_embed.dtype)], dim=1)

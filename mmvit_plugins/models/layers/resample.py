@@ -48,3 +48,37 @@ def resample_to_grid(x: torch.Tensor, size: Tuple[int, int],
     rows = resample_weights(x.shape[-2], size[0], mode, x.device, x.dtype)
     cols = resample_weights(x.shape[-1], size[1], mode, x.device, x.dtype)
     return rows @ (x @ cols.t())
+
+
+# torch's bicubic convolution constant (upsample_bicubic2d, OpenCV's)
+_CUBIC_A = -0.75
+
+
+def _cubic_near(x: torch.Tensor) -> torch.Tensor:
+    """The cubic convolution kernel for |x| <= 1."""
+    return ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1
+
+
+def _cubic_far(x: torch.Tensor) -> torch.Tensor:
+    """The cubic convolution kernel for 1 < |x| < 2."""
+    return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
+
+
+def bicubic_weights(in_size: int, out_size: Size, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(out_size, in_size) weights of one axis of ``F.interpolate(mode='bicubic',
+    align_corners=False)`` without antialiasing: source position ``(i + 0.5) * in / out - 0.5``,
+    the four taps around it with the cubic convolution kernel (a = -0.75), taps outside the
+    input read its border (as torch, in float64 positions)."""
+    index = torch.arange(out_size, device=device, dtype=torch.float64)
+    scale = torch.ones((), dtype=torch.float64, device=device) * in_size / out_size
+    position = (index + 0.5) * scale - 0.5
+    start = position.floor().clamp(max=in_size - 1)
+    t = (position - start).clamp(0., 1.)
+    taps = (_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t))
+    source = torch.arange(in_size, device=device, dtype=torch.float64)
+    weights = torch.zeros((), dtype=torch.float64, device=device)
+    for offset, tap in zip((-1, 0, 1, 2), taps):
+        column = (start + offset).clamp(0, in_size - 1)
+        weights = weights + tap[:, None] * (source[None, :] == column[:, None])
+    return weights.to(dtype)

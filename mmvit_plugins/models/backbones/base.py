@@ -30,8 +30,9 @@ from mmvit_plugins.checkpoint import (
     load_checkpoint_file,
     load_state_dict_report,
 )
-from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
+from mmvit_plugins.models.layers.policy import capturing, has_rng_state, output_dtype
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
+from mmvit_plugins.models.layers.shapes import contains
 from mmvit_plugins.models.layers.window import window_attention_mask
 
 
@@ -174,26 +175,6 @@ def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
                         f'floating-point images of dtype {dtype} (e.g. x.to({dtype})), or cast '
                         'the model; for mixed precision keep the model in float32 and use '
                         'torch.autocast')
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype every output of a forward has: autocast's where it is on, else the input's."""
-    device = x.device.type
-    if not has_autocast(device):
-        return x.dtype
-    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
-        enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-    elif device == 'cpu':
-        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    else:
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return dtype if enabled else x.dtype
-
-
-def has_rng_state(device: torch.device) -> bool:
-    """The device type has a random state for activation checkpointing to save and restore
-    (the CPU's, ``torch.<type>.get_rng_state`` of CUDA and the like); ``meta`` has none."""
-    return device.type == 'cpu' or hasattr(getattr(torch, device.type, None), 'get_rng_state')
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:

@@ -450,14 +450,28 @@ class PyramidBackbone(BaseModule):
         per ``out_indices`` entry, s = 4 * 2**i, all in one dtype (autocast's under it)."""
         self.check_input(x)
         dtype = output_dtype(x)
+        return tuple(self.stage_map(i, out, dtype)
+                     for i, out in self.stage_outputs(x, self.out_indices))
+
+    def stage_outputs(self, x: torch.Tensor, indices: Sequence[int],
+                      stop: Optional[int] = None) -> List[Tuple[int, torch.Tensor]]:
+        """(B, in_channels, H, W) -> ``(i, stage i's (B, h, w, C) output)`` for the stages in
+        ``indices``, running the stages up to ``stop`` (inclusive; None: all built)."""
         x = self.embed_drop(self.patch_embed(x))
         outs = []
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:len(self.stages) if stop is None else stop + 1]):
             out, x = stage(x)
-            if contains(self.out_indices, i):
-                out = getattr(self, f'out_norm{i}')(out)
-                outs.append(out.permute(0, 3, 1, 2).contiguous().to(dtype))
-        return tuple(outs)
+            if contains(indices, i):
+                outs.append((i, out))
+        return outs
+
+    def stage_map(self, i: int, out: torch.Tensor, dtype: torch.dtype,
+                  norm: bool = True) -> torch.Tensor:
+        """Stage ``i``'s (B, h, w, C) output -> (B, C, h, w) of ``dtype``, through
+        ``out_norm{i}`` if ``norm`` and the backbone has it."""
+        if norm and hasattr(self, f'out_norm{i}'):
+            out = getattr(self, f'out_norm{i}')(out)
+        return out.permute(0, 3, 1, 2).contiguous().to(dtype)
 
 
 def stage_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:

@@ -47,6 +47,8 @@ __all__ = ['PyramidClassifier', 'RefinerViTClassifier', 'checkpoint_filter_fn']
 
 NUM_STAGES = len(PYRAMID_STRIDES)
 _BACKBONE = 'backbone.'
+# forward_intermediates' result: the maps, preceded by the final features unless only the maps
+Intermediates = Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]
 # Parameters the public models exclude from weight decay (Swin's and ViT's no_weight_decay).
 _NO_WEIGHT_DECAY = ('relative_position_bias_table', 'pos_embed', 'cls_token')
 
@@ -103,7 +105,7 @@ class _TimmModel(nn.Module):
             self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
             norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
             intermediates_only: bool = False
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Intermediates:
         """(B, in_chans, H, W) -> the maps of the ``feature_info`` levels in ``indices``
         (default: all), each (B, num_chs, ceil(H/r), ceil(W/r)) for its reduction r, preceded
         by ``forward_features(x)`` unless ``intermediates_only``.
@@ -119,8 +121,7 @@ class _TimmModel(nn.Module):
                                    else None, intermediates_only)
 
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         raise NotImplementedError
 
     def _refuse_unbuilt(self, what: str, unbuilt: List[int], take: List[int],
@@ -244,8 +245,7 @@ class PyramidClassifier(_TimmModel):
         return self.backbone(x)[-1]
 
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         if not intermediates_only:
             self._check_final_stage()
         backbone = self.backbone
@@ -393,7 +393,7 @@ class RefinerViTClassifier(_TimmModel):
             self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
             return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
             output_fmt: str = 'NCHW', intermediates_only: bool = False
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Intermediates:
         """As the base; as timm's ViT, ``return_prefix_tokens`` pairs each block's map with
         its class token (B, 1, C), and ``output_fmt='NLC'`` keeps the (B, h*w, C) tokens
         (both only for the block levels, not the pyramid)."""
@@ -432,8 +432,7 @@ class RefinerViTClassifier(_TimmModel):
         return self.norm(by_block[last]), intermediates
 
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         """The pyramid levels in ``take`` (each built: in ``out_indices``)."""
         self._refuse_unbuilt('pyramid levels', sorted(set(take) - set(self.stage_indices)), take)
         maps = dict(zip(self.stage_indices, self.backbone(x, norm=norm)))

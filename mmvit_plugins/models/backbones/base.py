@@ -459,7 +459,9 @@ class PyramidBackbone(BaseModule):
         ``indices``, running the stages up to ``stop`` (inclusive; None: all built)."""
         x = self.embed_drop(self.patch_embed(x))
         outs = []
-        for i, stage in enumerate(self.stages[:len(self.stages) if stop is None else stop + 1]):
+        for i, stage in enumerate(self.stages):
+            if stop is not None and i > stop:
+                break
             out, x = stage(x)
             if contains(indices, i):
                 outs.append((i, out))

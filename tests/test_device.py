@@ -14,7 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mmvit_plugins.models import backbones
-from mmvit_plugins.models.layers.capture import autocast_off, has_autocast
+from mmvit_plugins.models.layers.policy import autocast_off, has_autocast
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 from tests.conftest import TINY_BACKBONES
 

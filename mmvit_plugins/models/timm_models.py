@@ -34,23 +34,23 @@ from torch import nn
 from mmvit_plugins.checkpoint import describe_keys, other_family
 
 from .backbones import BOATCSWin, BOATSwin, MAFormer, RefinerViT
-from .backbones.base import PyramidBackbone, check_out_indices, output_dtype
+from .backbones.base import (
+    PyramidBackbone,
+    check_out_indices,
+    init_linear_and_norm,
+    output_dtype,
+)
 from .backbones.refiner_vit import PATCH_SIZE
+from .layers.pyramid import PYRAMID_STRIDES
 
 __all__ = ['PyramidClassifier', 'RefinerViTClassifier', 'checkpoint_filter_fn']
 
-NUM_STAGES = 4
-STAGE_STRIDES = tuple(4 * 2**i for i in range(NUM_STAGES))
+NUM_STAGES = len(PYRAMID_STRIDES)
 _BACKBONE = 'backbone.'
+# forward_intermediates' result: the maps, preceded by the final features unless only the maps
+Intermediates = Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]
 # Parameters the public models exclude from weight decay (Swin's and ViT's no_weight_decay).
 _NO_WEIGHT_DECAY = ('relative_position_bias_table', 'pos_embed', 'cls_token')
-
-
-def _init_linear(module: nn.Module) -> None:
-    """The public heads' init: truncated normal (std 0.02) weights, zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=.02)
-        nn.init.zeros_(module.bias)
 
 
 class _TimmModel(nn.Module):
@@ -75,7 +75,7 @@ class _TimmModel(nn.Module):
         """The four levels of the mm backbone (strides 4, 8, 16, 32)."""
         return [dict(num_chs=width, reduction=stride, module=f'{_BACKBONE}stages.{i}')
                 for i, (width, stride) in enumerate(zip(self.backbone.num_features,
-                                                        STAGE_STRIDES))]
+                                                        PYRAMID_STRIDES))]
 
     # -- timm API ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class _TimmModel(nn.Module):
             self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
             norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
             intermediates_only: bool = False
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Intermediates:
         """(B, in_chans, H, W) -> the maps of the ``feature_info`` levels in ``indices``
         (default: all), each (B, num_chs, ceil(H/r), ceil(W/r)) for its reduction r, preceded
         by ``forward_features(x)`` unless ``intermediates_only``.
@@ -121,9 +121,16 @@ class _TimmModel(nn.Module):
                                    else None, intermediates_only)
 
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         raise NotImplementedError
+
+    def _refuse_unbuilt(self, what: str, unbuilt: List[int], take: List[int],
+                        why: str = '') -> None:
+        """A ValueError naming the requested ``unbuilt`` levels (``what``) and how to build them."""
+        if unbuilt:
+            raise ValueError(f'{what} {unbuilt} are not built: the backbone was built with '
+                             f'out_indices={self.stage_indices}{why}; create the model with '
+                             f'features_only=True and out_indices={tuple(take)}')
 
     def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> List[int]:
@@ -225,7 +232,7 @@ class PyramidClassifier(_TimmModel):
         self.num_classes = num_classes
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
                                    input_fmt='NCHW')
-        self.head.apply(_init_linear)
+        self.head.apply(init_linear_and_norm)
 
     def _check_final_stage(self) -> None:
         if self._final_stage not in self.stage_indices:
@@ -237,37 +244,22 @@ class PyramidClassifier(_TimmModel):
         self._check_final_stage()
         return self.backbone(x)[-1]
 
-    def _stage_map(self, i: int, out: torch.Tensor, norm: bool,
-                   dtype: torch.dtype) -> torch.Tensor:
-        """Stage ``i``'s (B, h, w, C) output -> (B, C, h, w), through ``out_norm{i}`` if
-        ``norm`` and the model has it (as the backbone's forward)."""
-        if norm and hasattr(self.backbone, f'out_norm{i}'):
-            out = getattr(self.backbone, f'out_norm{i}')(out)
-        return out.permute(0, 3, 1, 2).contiguous().to(dtype)
-
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         if not intermediates_only:
             self._check_final_stage()
         backbone = self.backbone
-        unbuilt = [i for i in take if i >= len(backbone.stages)]
-        if unbuilt:
-            raise ValueError(f'stages {unbuilt} are not built: the backbone was built with '
-                             f'out_indices={self.stage_indices} (stages after the last one are '
-                             'not built); create the model with features_only=True and '
-                             f'out_indices={tuple(take)}')
+        self._refuse_unbuilt('stages', [i for i in take if i >= len(backbone.stages)], take,
+                             ' (stages after the last one are not built)')
         backbone.check_input(x)
         dtype = output_dtype(x)
-        x = backbone.embed_drop(backbone.patch_embed(x))
-        intermediates = []
-        for i, stage in enumerate(backbone.stages[:NUM_STAGES if stop is None else stop + 1]):
-            out, x = stage(x)
-            if i in take:
-                intermediates.append(self._stage_map(i, out, norm, dtype))
+        final = self._final_stage
+        outs = dict(backbone.stage_outputs(x, take if intermediates_only else [*take, final],
+                                           stop))
+        intermediates = [backbone.stage_map(i, outs[i], dtype, norm) for i in take]
         if intermediates_only:
             return intermediates
-        return self._stage_map(self._final_stage, out, True, dtype), intermediates
+        return backbone.stage_map(final, outs[final], dtype), intermediates
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> logits (B, num_classes), or pooled (B, C) if ``pre_logits``."""
@@ -279,7 +271,7 @@ class PyramidClassifier(_TimmModel):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
-        self.head.apply(_init_linear)
+        self.head.apply(init_linear_and_norm)
 
     def head_key(self, key: str) -> str:
         """Public ``head.{weight,bias}`` -> ``head.fc.*``; own ``head.fc.*`` unchanged."""
@@ -389,7 +381,7 @@ class RefinerViTClassifier(_TimmModel):
         self.aux_head = linear() if self.return_dense else None
         for head in (self.head, self.aux_head):
             if head is not None:
-                head.apply(_init_linear)
+                head.apply(init_linear_and_norm)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normed tokens of the last block (B, extra + h*w, C), class
@@ -401,7 +393,7 @@ class RefinerViTClassifier(_TimmModel):
             self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
             return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
             output_fmt: str = 'NCHW', intermediates_only: bool = False
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Intermediates:
         """As the base; as timm's ViT, ``return_prefix_tokens`` pairs each block's map with
         its class token (B, 1, C), and ``output_fmt='NLC'`` keeps the (B, h*w, C) tokens
         (both only for the block levels, not the pyramid)."""
@@ -440,15 +432,9 @@ class RefinerViTClassifier(_TimmModel):
         return self.norm(by_block[last]), intermediates
 
     def _intermediates(self, x: torch.Tensor, take: List[int], norm: bool,
-                       stop: Optional[int], intermediates_only: bool
-                       ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                       stop: Optional[int], intermediates_only: bool) -> Intermediates:
         """The pyramid levels in ``take`` (each built: in ``out_indices``)."""
-        missing = sorted(set(take) - set(self.stage_indices))
-        if missing:
-            raise ValueError(
-                f'pyramid levels {missing} are not built: the backbone was built with '
-                f'out_indices={self.stage_indices}; create the model with features_only=True '
-                f'and out_indices={tuple(take)}')
+        self._refuse_unbuilt('pyramid levels', sorted(set(take) - set(self.stage_indices)), take)
         maps = dict(zip(self.stage_indices, self.backbone(x, norm=norm)))
         intermediates = [maps[i] for i in take]
         if intermediates_only:
@@ -494,7 +480,7 @@ _REFINER_REPO = 'https://github.com/zhoudaquan/Refiner_ViT'
 
 
 # The pyramid classifiers' forward_features map at the configs' 224x224 input (stride 32).
-_POOL_SIZE = (224 // STAGE_STRIDES[-1], ) * 2
+_POOL_SIZE = (224 // PYRAMID_STRIDES[-1], ) * 2
 
 
 def _cfg(file: Optional[str] = None, **kwargs) -> dict:
@@ -581,66 +567,33 @@ def _create(cls: Type[_TimmModel], variant: str, preset: str, pretrained: bool,
                                 feature_cfg=feature_cfg, **kwargs)
 
 
-@register_model
-def boat_swin_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATSwinClassifier, 'boat_swin_tiny', 'tiny', pretrained, **kwargs)
+# name -> (classifier, backbone arch); one entrypoint each, registered under its name
+_ENTRYPOINTS: Dict[str, Tuple[Type[_TimmModel], str]] = {
+    'boat_swin_tiny': (BOATSwinClassifier, 'tiny'),
+    'boat_swin_small': (BOATSwinClassifier, 'small'),
+    'boat_swin_base': (BOATSwinClassifier, 'base'),
+    'boat_cswin_tiny': (BOATCSWinClassifier, 'tiny'),
+    'boat_cswin_small': (BOATCSWinClassifier, 'small'),
+    'boat_cswin_base': (BOATCSWinClassifier, 'base'),
+    'refiner_vit_s': (RefinerViTClassifier, 'small'),
+    'refiner_vit_m': (RefinerViTClassifier, 'medium'),
+    'refiner_vit_l': (RefinerViTClassifier, 'large'),
+    'maformer_tiny': (MAFormerClassifier, 'tiny'),
+    'maformer_s': (MAFormerClassifier, 'small'),
+    'maformer_b': (MAFormerClassifier, 'base'),
+    'maformer_l': (MAFormerClassifier, 'large'),
+}
 
 
-@register_model
-def boat_swin_small(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATSwinClassifier, 'boat_swin_small', 'small', pretrained, **kwargs)
+def _entrypoint(variant: str, cls: Type[_TimmModel], preset: str) -> Callable[..., nn.Module]:
+    """timm's ``variant(pretrained=False, **kwargs)``: ``cls`` with ``arch=preset``."""
+    def create(pretrained: bool = False, **kwargs) -> nn.Module:
+        return _create(cls, variant, preset, pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = variant
+    create.__doc__ = f'{cls.__name__} with arch={preset!r} (see ``default_cfgs[{variant!r}]``).'
+    return create
 
 
-@register_model
-def boat_swin_base(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATSwinClassifier, 'boat_swin_base', 'base', pretrained, **kwargs)
-
-
-@register_model
-def boat_cswin_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATCSWinClassifier, 'boat_cswin_tiny', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def boat_cswin_small(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATCSWinClassifier, 'boat_cswin_small', 'small', pretrained, **kwargs)
-
-
-@register_model
-def boat_cswin_base(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(BOATCSWinClassifier, 'boat_cswin_base', 'base', pretrained, **kwargs)
-
-
-@register_model
-def refiner_vit_s(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(RefinerViTClassifier, 'refiner_vit_s', 'small', pretrained, **kwargs)
-
-
-@register_model
-def refiner_vit_m(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(RefinerViTClassifier, 'refiner_vit_m', 'medium', pretrained, **kwargs)
-
-
-@register_model
-def refiner_vit_l(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(RefinerViTClassifier, 'refiner_vit_l', 'large', pretrained, **kwargs)
-
-
-@register_model
-def maformer_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(MAFormerClassifier, 'maformer_tiny', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def maformer_s(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(MAFormerClassifier, 'maformer_s', 'small', pretrained, **kwargs)
-
-
-@register_model
-def maformer_b(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(MAFormerClassifier, 'maformer_b', 'base', pretrained, **kwargs)
-
-
-@register_model
-def maformer_l(pretrained: bool = False, **kwargs) -> nn.Module:
-    return _create(MAFormerClassifier, 'maformer_l', 'large', pretrained, **kwargs)
+for _variant, (_cls, _preset) in _ENTRYPOINTS.items():
+    globals()[_variant] = register_model(_entrypoint(_variant, _cls, _preset))

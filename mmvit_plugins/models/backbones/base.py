@@ -30,8 +30,9 @@ from mmvit_plugins.checkpoint import (
     load_checkpoint_file,
     load_state_dict_report,
 )
-from mmvit_plugins.models.layers.capture import capturing, contains, has_autocast
+from mmvit_plugins.models.layers.policy import capturing, has_rng_state, output_dtype
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
+from mmvit_plugins.models.layers.shapes import contains
 from mmvit_plugins.models.layers.window import window_attention_mask
 
 
@@ -174,26 +175,6 @@ def check_input(x: Any, in_channels: int, dtype: torch.dtype) -> None:
                         f'floating-point images of dtype {dtype} (e.g. x.to({dtype})), or cast '
                         'the model; for mixed precision keep the model in float32 and use '
                         'torch.autocast')
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype every output of a forward has: autocast's where it is on, else the input's."""
-    device = x.device.type
-    if not has_autocast(device):
-        return x.dtype
-    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
-        enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-    elif device == 'cpu':
-        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    else:
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return dtype if enabled else x.dtype
-
-
-def has_rng_state(device: torch.device) -> bool:
-    """The device type has a random state for activation checkpointing to save and restore
-    (the CPU's, ``torch.<type>.get_rng_state`` of CUDA and the like); ``meta`` has none."""
-    return device.type == 'cpu' or hasattr(getattr(torch, device.type, None), 'get_rng_state')
 
 
 def drop_path_rates(rate: float, num_blocks: int) -> List[float]:
@@ -469,14 +450,30 @@ class PyramidBackbone(BaseModule):
         per ``out_indices`` entry, s = 4 * 2**i, all in one dtype (autocast's under it)."""
         self.check_input(x)
         dtype = output_dtype(x)
+        return tuple(self.stage_map(i, out, dtype)
+                     for i, out in self.stage_outputs(x, self.out_indices))
+
+    def stage_outputs(self, x: torch.Tensor, indices: Sequence[int],
+                      stop: Optional[int] = None) -> List[Tuple[int, torch.Tensor]]:
+        """(B, in_channels, H, W) -> ``(i, stage i's (B, h, w, C) output)`` for the stages in
+        ``indices``, running the stages up to ``stop`` (inclusive; None: all built)."""
         x = self.embed_drop(self.patch_embed(x))
         outs = []
         for i, stage in enumerate(self.stages):
+            if stop is not None and i > stop:
+                break
             out, x = stage(x)
-            if contains(self.out_indices, i):
-                out = getattr(self, f'out_norm{i}')(out)
-                outs.append(out.permute(0, 3, 1, 2).contiguous().to(dtype))
-        return tuple(outs)
+            if contains(indices, i):
+                outs.append((i, out))
+        return outs
+
+    def stage_map(self, i: int, out: torch.Tensor, dtype: torch.dtype,
+                  norm: bool = True) -> torch.Tensor:
+        """Stage ``i``'s (B, h, w, C) output -> (B, C, h, w) of ``dtype``, through
+        ``out_norm{i}`` if ``norm`` and the backbone has it."""
+        if norm and hasattr(self, f'out_norm{i}'):
+            out = getattr(self, f'out_norm{i}')(out)
+        return out.permute(0, 3, 1, 2).contiguous().to(dtype)
 
 
 def stage_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:

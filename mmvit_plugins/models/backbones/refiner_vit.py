@@ -31,7 +31,7 @@ from mmvit_plugins.models.layers import (
     window_partition,
     window_reverse,
 )
-from mmvit_plugins.models.layers.capture import autocast_off
+from mmvit_plugins.models.layers.policy import autocast_off, channels_last_on, tracing
 from mmvit_plugins.models.layers.pyramid import PYRAMID_STRIDES
 from mmvit_plugins.models.layers.refiner import DistributedLocalAttention, resolve_refiner_impl
 
@@ -52,12 +52,6 @@ PATCH_SIZE = 16
 # Every public block scales its input by this before the norms and divides the branches by it.
 ADJUST_RATIO = 0.5
 _CLASSIFIER_KEYS = ('head.', 'aux_head.', 'norm.')
-
-
-def _channels_last_on(device: torch.device) -> bool:
-    """Whether the stem and the pyramid's inputs use channels-last maps and the stem's last
-    conv runs as one matrix product: measured faster on the CPU (oneDNN) only."""
-    return device.type == 'cpu'
 
 
 class RefinedAttention(nn.Module):
@@ -205,7 +199,7 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_end(x, ((2, pad_to(h, PATCH_SIZE)), (3, pad_to(w, PATCH_SIZE))))
-        if _channels_last_on(x.device):
+        if channels_last_on(x.device):
             # oneDNN's fast layout for these full-resolution convs (their backward is a large
             # part of a training step); the (B, C, h, w) output then flattens to tokens
             # without a copy
@@ -213,7 +207,7 @@ class ConvPatchEmbed(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
-        if _channels_last_on(x.device) and not torch.jit.is_tracing():
+        if channels_last_on(x.device) and not tracing():
             return self._patchify(x)
         return self.proj(x)
 
@@ -551,7 +545,7 @@ class RefinerViT(PyramidBackbone):
         feats = []
         for i in self._output_tokens:
             t = tokens[i][:, self.num_extra_tokens:]
-            if _channels_last_on(x.device):
+            if channels_last_on(x.device):
                 # a channels-last view, no copy: the pyramid's transposed convs and norms run
                 # faster on it (oneDNN), with the same numbers
                 feats.append(t.reshape(t.shape[0], h, w, self.embed_dims).permute(0, 3, 1, 2))

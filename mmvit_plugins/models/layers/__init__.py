@@ -1,9 +1,10 @@
 from .attention import WindowMSA
-from .capture import capturing, ceil_div, contains, crop_end, is_concrete, pad_end, pad_to
 from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout
+from .policy import capturing, is_concrete
 from .pos_embed import resize_abs_pos_embed
 from .pyramid import SimpleFeaturePyramid
 from .resample import bicubic_weights, resample_to_grid, resample_weights
+from .shapes import ceil_div, contains, crop_end, pad_end, pad_to
 from .window import (
     attend_in_windows,
     pad_to_multiple,

@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Size, autocast_off, capturing, is_concrete, size_cache
+from .policy import (
+    Size,
+    autocast_off,
+    capturing,
+    clustering_dtype,
+    is_concrete,
+    static_group_layout,
+)
+from .shapes import size_cache
 
 # Added to every centroid sum so that its norm is never zero (its square is a normal float32).
 _CENTROID_EPS = 1e-18
@@ -220,14 +228,6 @@ def _gather_offsets(rows: int, shape: ClusterShape, device: torch.device) -> tor
     """Start of every group's slots in the flattened (rows * P) features, for the smallest
     groups that are ever gathered (4m slots); coarser levels take every 2**i-th entry."""
     return torch.arange(0, rows * shape.num_slots, 4 * shape.group_slots, device=device)
-
-
-def clustering_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 features and on devices whose float32 products may run in TF32
-    (every device but the CPU and MPS); else float32."""
-    if x.dtype == torch.float64 or x.device.type not in ('cpu', 'mps'):
-        return torch.float64
-    return torch.float32
 
 
 def slot_features(x: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -434,8 +434,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         rows = b * heads
         static = self.static_shapes
         if static is None:
-            # the tight layout is for eager CPU code: a captured graph wants static shapes
-            static = qkv.device.type != 'cpu' or capturing()
+            static = static_group_layout(qkv.device)
         # the tight layout's shapes follow N's value
         static = static or not is_concrete(n)
         layout = group_layout(n, self.group_size, self.overlap, qkv.device, static)

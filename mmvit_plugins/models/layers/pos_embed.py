@@ -3,7 +3,7 @@ from typing import Tuple
 
 import torch
 
-from .capture import Size, is_concrete
+from .policy import Size, is_concrete
 from .resample import bicubic_weights
 
 

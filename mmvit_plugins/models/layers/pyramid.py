@@ -12,7 +12,7 @@ from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .capture import pad_end, pad_to
+from .shapes import pad_end, pad_to
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 

@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from .capture import Size
+from .policy import Size
 
 RESAMPLE_MODES = ('bilinear', 'area')
 

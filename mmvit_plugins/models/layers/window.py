@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .capture import Size, crop_end, is_concrete, pad_end, pad_to, size_cache
+from .policy import Size, is_concrete
+from .shapes import crop_end, pad_end, pad_to, size_cache
 
 Window = Union[int, Tuple[Optional[int], Optional[int]]]
 
@@ -37,7 +38,7 @@ def window_count(window: Window, hw: Tuple[Size, Size]) -> Size:
 
 
 def _pads(window: Window, hw: Tuple[Size, Size], first_dim: int) -> Sequence[Tuple[int, Size]]:
-    """:func:`~.capture.pad_end`'s (dim, pad) for the sides that are padded to whole windows."""
+    """:func:`~.shapes.pad_end`'s (dim, pad) for the sides that are padded to whole windows."""
     return tuple((first_dim + i, pad_to(size, side))
                  for i, (side, size) in enumerate(zip(_pair(window), hw)) if side is not None)
 

@@ -14,8 +14,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
+from ..policy import accumulation_dtype
 from .stats import (
-    accumulation_dtype,
     channel_moments,
     channel_sums,
     merge_moments,

@@ -1,18 +1,15 @@
 """Which implementation a refiner runs (``refiner_impl``): 'fused' the hand-written chunked
 passes (:mod:`.batch_stats`, :mod:`.folded`), 'reference' the module-by-module formulation,
-'auto' the one :data:`AUTO_REFINER_IMPL` names for the input's device type."""
+'auto' the one :func:`..policy.auto_refiner_impl` names for the input's device type."""
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
+from ..policy import auto_refiner_impl
+
 REFINER_IMPLS = ('auto', 'fused', 'reference')
 REFINER_IMPL_ENV = 'MMVIT_REFINER_IMPL'
-# 'auto' per device type (docs/devices.md has the measurements): 'cpu' measured, the fused
-# path is faster there and needs less memory. Elsewhere not measured: 'fused' for its bounded
-# training memory, although it dispatches more operators (kernel launches) than 'reference'.
-AUTO_REFINER_IMPL: Dict[str, str] = {'cpu': 'fused'}
-AUTO_REFINER_IMPL_DEFAULT = 'fused'
 
 
 def resolve_refiner_impl(impl: Optional[str] = None) -> str:
@@ -31,4 +28,4 @@ def refiner_impl_on(impl: str, device: torch.device) -> str:
     ``device``."""
     if impl != 'auto':
         return impl
-    return AUTO_REFINER_IMPL.get(device.type, AUTO_REFINER_IMPL_DEFAULT)
+    return auto_refiner_impl(device)

@@ -8,15 +8,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from ..policy import accumulation_dtype
+
 BatchNorm = nn.modules.batchnorm._BatchNorm
 # (count, mean, biased variance) of some values, per channel
 Moments = Tuple[int, torch.Tensor, torch.Tensor]
-
-
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the refiner's sums of statistics: float64, float32 on ``mps`` (which has
-    no float64)."""
-    return torch.float32 if device.type == 'mps' else torch.float64
 
 
 def uses_batch_stats(bn: BatchNorm) -> bool:

@@ -7,7 +7,14 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..capture import Size, capturing, size_cache
+from ..policy import (
+    CHUNK_ELEMENTS,
+    DEFAULT_CHUNK_ELEMENTS,
+    SCATTER_PER_WINDOW_ON,
+    Size,
+    capturing,
+)
+from ..shapes import size_cache
 
 # ``(r0, r1, i0, i1)``: the rows [r0, r1) of a chunk and the rows [i0, i1) a kernel reads for them.
 RowChunk = Tuple[Size, Size, Size, Size]
@@ -51,20 +58,12 @@ class Tiling(NamedTuple):
 
 @dataclass(frozen=True)
 class ChunkPolicy:
-    """How large the chunks of the refiner's fused paths are, per device type.
-
-    Defaults: on the CPU ~4 MB of the 3x-expanded map per chunk, so that chunks stay in the
-    caches and in the allocator's reused heap (a fresh map-sized tensor costs a page fault per
-    4 KB, more than the arithmetic on it, so 4 MB chunks train faster than 8 MB ones); elsewhere
-    a chunk bounds the peak memory of large global maps at a few launches. Pieces are written
-    back with one ``index_copy_`` per window on the CPU (measured faster: 24 against 28 ms for
-    the write-backs of a training step of an all-windowed Refiner-ViT-S at 512x512), elsewhere
-    with one operation over the flattened maps (one kernel launch instead of one per window).
-    """
-    chunk_elements: Dict[str, int] = field(default_factory=lambda: {'cpu': 1 << 20})
-    default_chunk_elements: int = 1 << 26
+    """How large the chunks of the refiner's fused paths are, per device type. The defaults
+    and the measurements behind them are in :mod:`..policy` (``CHUNK_ELEMENTS``)."""
+    chunk_elements: Dict[str, int] = field(default_factory=lambda: dict(CHUNK_ELEMENTS))
+    default_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     min_rows: int = 16
-    scatter_per_window_on: Tuple[str, ...] = ('cpu', )
+    scatter_per_window_on: Tuple[str, ...] = SCATTER_PER_WINDOW_ON
 
     def tiling(self, device: torch.device) -> Tiling:
         """The tiling on ``device``: one chunk while a graph is captured (a chunk count that

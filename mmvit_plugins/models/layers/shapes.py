@@ -1,4 +1,4 @@
-"""Sizes in captured graphs.
+"""Size arithmetic and padding that work for ints, SymInts and traced sizes.
 
 A size is a Python int in eager code and in a graph that dynamo specialised on it, a SymInt in
 a graph compiled with dynamic shapes, and a 0-d tensor in an ONNX trace. Size arithmetic written
@@ -6,50 +6,13 @@ with Python operators (``+ - * // %``) works on all three and stays symbolic; wh
 size's value (leaving out a mask, skipping a no-op resize, caching) is decided only in eager
 code, so that every captured graph takes the general path.
 """
-from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache, wraps
-from typing import Any, Callable, Iterable, Iterator, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-Size = Union[int, torch.SymInt, torch.Tensor]
-
-
-# The device types torch implements autocast for, asked once at import: dynamo does not trace
-# ``torch.amp.is_autocast_available``. A backend that registers later is asked in eager code.
-_AUTOCAST_DEVICE_TYPES = tuple(
-    device_type for device_type in ('cpu', 'cuda', 'xpu', 'hpu', 'mps', 'xla', 'ipu', 'mtia',
-                                    torch._C._get_privateuse1_backend_name())
-    if torch.amp.is_autocast_available(device_type))
-
-
-def capturing() -> bool:
-    """A graph is being captured: compiled by dynamo or traced (ONNX export)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-def has_autocast(device_type: str) -> bool:
-    """torch implements autocast on this device type (``meta`` has none: asking for its state
-    or turning it off raises)."""
-    if device_type in _AUTOCAST_DEVICE_TYPES:
-        return True
-    return not capturing() and torch.amp.is_autocast_available(device_type)
-
-
-def autocast_off(device: torch.device) -> AbstractContextManager:
-    """``torch.autocast(device.type, enabled=False)``; nothing to turn off on a device type
-    without autocast."""
-    if has_autocast(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return nullcontext()
-
-
-def is_concrete(*sizes: Size) -> bool:
-    """Every size is a Python int of eager code. Never while a graph is captured: dynamo shows
-    its SymInts to the traced code as ints (``isinstance(size, int)`` is True), and a decision
-    on one would guard the graph on the value (one graph per size with ``dynamic=True``)."""
-    return not capturing() and all(isinstance(size, int) for size in sizes)
+from .policy import Size, capturing, compiling, is_concrete
 
 
 def _sizes(args: Iterable[Any]) -> Iterator[Size]:
@@ -109,7 +72,7 @@ def pad_end(x: torch.Tensor, pads: Sequence[Tuple[int, Size]], value: float = 0.
     zero, which would specialise a graph with dynamic shapes on it (one graph for the sizes
     that need padding, another for those that do not). Both give the same values.
     """
-    if not torch.compiler.is_compiling():
+    if not compiling():
         if is_concrete(*(pad for _, pad in pads)) and not any(pad for _, pad in pads):
             return x
         amounts = [0] * (2 * x.dim())
@@ -134,7 +97,7 @@ def crop_end(x: torch.Tensor, sizes: Sequence[Tuple[int, Size]]) -> torch.Tensor
     view depends on whether it is contiguous; both would specialise a graph with dynamic shapes
     on whether the map was padded. The gather gives a new contiguous tensor either way.
     """
-    if not torch.compiler.is_compiling():
+    if not compiling():
         index = [slice(None)] * x.dim()
         for dim, size in sizes:
             index[dim] = slice(None, size)

@@ -3,7 +3,7 @@
 import copy
 import math
 import os.path as osp
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -88,6 +88,17 @@ def public_state_dict(embed: int, depth: int, heads: int, mlp_ratio: float, grid
     return sd
 
 
+def reference_stem(sd: dict, img: torch.Tensor, bn: Callable) -> torch.Tensor:
+    """The public patch embedding: (B, 3, H, W) -> (B, C, H / 16, W / 16); ``bn(x, name)``
+    applies the BatchNorm of that name."""
+    x = F.relu(bn(F.conv2d(img, sd['patch_embed.conv1.weight'], stride=2, padding=3),
+                  'patch_embed.bn1'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv2.weight'], padding=1), 'patch_embed.bn2'))
+    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv3.weight'], padding=1), 'patch_embed.bn3'))
+    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=8)
+    return x
+
+
 def reference_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int) -> torch.Tensor:
     """Token features (B, 1 + N, C) after the last block, global attention with class token."""
 
@@ -98,11 +109,7 @@ def reference_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int) -> tor
     def lin(x, name):
         return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
 
-    x = F.relu(bn(F.conv2d(img, sd['patch_embed.conv1.weight'], stride=2, padding=3),
-                  'patch_embed.bn1'))
-    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv2.weight'], padding=1), 'patch_embed.bn2'))
-    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv3.weight'], padding=1), 'patch_embed.bn3'))
-    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=8)
+    x = reference_stem(sd, img, bn)
     x = x.flatten(2).transpose(1, 2)
     b, n, c = x.shape
     x = torch.cat([sd['cls_token'].expand(b, 1, c), x], 1) + sd['pos_embed']
@@ -154,11 +161,7 @@ def reference_windowed_tokens(sd: dict, img: torch.Tensor, depth: int, heads: in
     def lin(x, name):
         return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
 
-    x = F.relu(bn(F.conv2d(img, sd['patch_embed.conv1.weight'], stride=2, padding=3),
-                  'patch_embed.bn1'))
-    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv2.weight'], padding=1), 'patch_embed.bn2'))
-    x = F.relu(bn(F.conv2d(x, sd['patch_embed.conv3.weight'], padding=1), 'patch_embed.bn3'))
-    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=8)
+    x = reference_stem(sd, img, bn)
     b, c, h, w = x.shape
     pos = sd['pos_embed'][:, 1:]
     side = math.isqrt(pos.shape[1])

@@ -3,7 +3,7 @@
 import copy
 import math
 import os.path as osp
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Tuple
 
 import pytest
 import torch
@@ -88,6 +88,20 @@ def public_state_dict(embed: int, depth: int, heads: int, mlp_ratio: float, grid
     return sd
 
 
+def reference_ops(sd: dict, training: bool) -> Tuple[Callable, Callable]:
+    """``bn(x, name)`` and ``lin(x, name)`` with the weights of ``sd``; ``training``: BatchNorms
+    normalise with the batch statistics and update the running statistics in ``sd``."""
+
+    def bn(x, name):
+        return F.batch_norm(x, sd[name + '.running_mean'], sd[name + '.running_var'],
+                            sd[name + '.weight'], sd[name + '.bias'], training, 0.1, 1e-5)
+
+    def lin(x, name):
+        return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
+
+    return bn, lin
+
+
 def reference_stem(sd: dict, img: torch.Tensor, bn: Callable) -> torch.Tensor:
     """The public patch embedding: (B, 3, H, W) -> (B, C, H / 16, W / 16); ``bn(x, name)``
     applies the BatchNorm of that name."""
@@ -102,13 +116,7 @@ def reference_stem(sd: dict, img: torch.Tensor, bn: Callable) -> torch.Tensor:
 def reference_tokens(sd: dict, img: torch.Tensor, depth: int, heads: int) -> torch.Tensor:
     """Token features (B, 1 + N, C) after the last block, global attention with class token."""
 
-    def bn(x, name):
-        return F.batch_norm(x, sd[name + '.running_mean'], sd[name + '.running_var'],
-                            sd[name + '.weight'], sd[name + '.bias'], False, 0., 1e-5)
-
-    def lin(x, name):
-        return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
-
+    bn, lin = reference_ops(sd, training=False)
     x = reference_stem(sd, img, bn)
     x = x.flatten(2).transpose(1, 2)
     b, n, c = x.shape
@@ -154,13 +162,7 @@ def reference_windowed_tokens(sd: dict, img: torch.Tensor, depth: int, heads: in
     attention changes between windowed and global. ``training``: every BatchNorm normalises
     with the batch statistics and updates the running statistics in ``sd``."""
 
-    def bn(x, name):
-        return F.batch_norm(x, sd[name + '.running_mean'], sd[name + '.running_var'],
-                            sd[name + '.weight'], sd[name + '.bias'], training, 0.1, 1e-5)
-
-    def lin(x, name):
-        return F.linear(x, sd[name + '.weight'], sd[name + '.bias'])
-
+    bn, lin = reference_ops(sd, training)
     x = reference_stem(sd, img, bn)
     b, c, h, w = x.shape
     pos = sd['pos_embed'][:, 1:]

@@ -1,6 +1,7 @@
 """mmvit_plugins.visualization: the records equal what the blocks computed in that forward
 (checked through hooks of the tests' own and the blocks' own functions), the pictures have the
 documented sizes, bad input is refused with the valid choices, and the forward is unchanged."""
+import re
 from typing import Dict, List
 
 import mmcv
@@ -20,9 +21,11 @@ from mmvit_plugins.visualization import (
 from mmvit_plugins.visualization.pictures import token_at, token_stride
 
 from .conftest import TINY_BACKBONES
+from .helpers import load_tool
 
 HW = (61, 75)  # odd sizes: padded stems, partial windows, uneven groups
 BOATS = ('BOATSwin', 'BOATCSWin')
+visualize_attention = load_tool('tools/analysis/visualize_attention.py')
 
 
 def _backbone(name: str) -> torch.nn.Module:
@@ -318,3 +321,36 @@ def test_bad_input_names_the_valid_choices(tmp_path):
                        r"values: \('pyramid', 'clusters', 'refiner', 'window'\)"):
         draw_attention(boat, x, image, str(tmp_path), ['attention'])
     assert not list(tmp_path.iterdir())  # nothing written on bad input
+
+
+def test_tool_takes_a_timm_model_name(tmp_path, capsys):
+    """A timm name builds the ``features_only`` model: its FSLA blocks and pyramid drawn."""
+    image = tmp_path / 'image.png'
+    mmcv.imwrite(_image(), str(image))
+    paths = visualize_attention.main(['boat_swin_tiny', 'none', str(image), '--out-dir',
+                                      str(tmp_path / 'out'), '--blocks', '-1', '--heads', '0'])
+    assert capsys.readouterr().out.split() == paths
+    names = [p.split('/')[-1] for p in paths]
+    assert names == ['pyramid.png', 'model_backbone_stages_2_blocks_5_fsla_clusters.png',
+                     'model_backbone_stages_2_blocks_5_fsla_query.png']
+    # stride 16: a 4 x 5 map of 20 tokens, at most one group of m = 49
+    assert [_panels(p) for p in paths] == [(1, 4), (1, 1), (1, 1)]
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['boat_swin_tinyx', 'none'], "CONFIG 'boat_swin_tinyx' is neither a config file nor a "
+     'timm model name; names of this package: boat_cswin_base, '),
+    (['maformer_tiny', 'missing.pth'], "CHECKPOINT 'missing.pth' is not a file; allowed "
+     "values: a checkpoint file or 'none'"),
+    (['maformer_tiny', 'none', '--pictures', 'refiner'], "'refiner' needs Refiner-ViT sharing "
+     "blocks .* this model has none \\(its attention pictures: \\['window'\\]\\)"),
+])
+def test_tool_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    image = tmp_path / 'image.png'
+    mmcv.imwrite(_image(), str(image))
+    argv = [*argv[:2], str(image), *argv[2:], '--out-dir', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(argv)
+    text = str(exit_info.value.code) + capsys.readouterr().err
+    assert re.search(message, text), text
+    assert not (tmp_path / 'out').exists()

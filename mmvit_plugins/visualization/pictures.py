@@ -93,12 +93,12 @@ def mark(panel: np.ndarray, point: Point) -> np.ndarray:
 
 
 def caption(panel: np.ndarray, text: str) -> np.ndarray:
-    """``text`` in the top-left corner, white on black."""
-    scale = max(0.3, panel.shape[1] / 640)
-    origin = (2, 2 + int(12 * scale * 1.5))
-    for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-        cv2.putText(panel, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness,
-                    cv2.LINE_AA)
+    """``text`` in white on a black box in the top-left corner."""
+    scale = max(0.35, panel.shape[1] / 640)
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.rectangle(panel, (0, 0), (width + 3, height + baseline + 3), (0, 0, 0), cv2.FILLED)
+    cv2.putText(panel, text, (2, height + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                1, cv2.LINE_AA)
     return panel
 
 

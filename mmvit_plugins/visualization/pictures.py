@@ -172,7 +172,7 @@ def window_picture(record: WindowRecord, image: np.ndarray, point: Point,
     for weight, index in zip(best.values.tolist(), best.indices.tolist()):
         footprint = to_pixels(footprints[index].abs(), image.shape[:2])
         panels.append(caption(mark(paint_heat(image, footprint), point),
-                              f'token {index}: {weight:.2f}'))
+                              f'token {index}: {weight:.2g}'))
     return tile([panels])
 
 

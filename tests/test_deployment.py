@@ -545,9 +545,8 @@ def test_demo_script_end_to_end(tmp_path):
     """``make demo``'s script in a fast form: the toy set, evaluation before and after 2
     training iterations, overlays, image_demo.py, visualize_attention.py, export with deploy.py
     and test.py on the exported model, whose mIoU the script requires to be PyTorch's within
-    0.5 points. MAFormer-S
-    (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``: 2 iterations need not
-    improve the model."""
+    0.5 points. MAFormer-S (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``:
+    2 iterations need not improve the model."""
     work_dir = tmp_path / 'work'
     cmd = [sys.executable, 'tools/misc/demo.py', '--task', 'seg', '--config',
            'configs/upernet_maformer_s_ade20k.py', '--iters', '2', '--min-gain', '-100',

@@ -543,10 +543,10 @@ def test_test_tool_errors(tmp_path, seg_files):
 # -- make demo ------------------------------------------------------------------------------------
 def test_demo_script_end_to_end(tmp_path):
     """``make demo``'s script in a fast form: the toy set, evaluation before and after 2
-    training iterations, overlays, image_demo.py, export with deploy.py and test.py on the
-    exported model, whose mIoU the script requires to be PyTorch's within 0.5 points. MAFormer-S
-    (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``: 2 iterations need not
-    improve the model."""
+    training iterations, overlays, image_demo.py, visualize_attention.py, export with deploy.py
+    and test.py on the exported model, whose mIoU the script requires to be PyTorch's within
+    0.5 points. MAFormer-S (the smallest widths) instead of BOAT-CSWin-T; ``--min-gain -100``:
+    2 iterations need not improve the model."""
     work_dir = tmp_path / 'work'
     cmd = [sys.executable, 'tools/misc/demo.py', '--task', 'seg', '--config',
            'configs/upernet_maformer_s_ade20k.py', '--iters', '2', '--min-gain', '-100',
@@ -560,5 +560,9 @@ def test_demo_script_end_to_end(tmp_path):
     assert abs(deployed - pytorch) <= 0.5
     assert len(list((work_dir / 'overlays').glob('*.png'))) == 12
     assert len(list((work_dir / 'image_demo').glob('*.png'))) == 1
+    # visualize_attention.py --blocks 0: the pyramid and the first MAF block's picture
+    pictures = sorted(p.name for p in (work_dir / 'attention').glob('*.png'))
+    assert pictures == ['pyramid.png', 'stages_0_blocks_0_window.png']
+    assert f"{len(pictures)} attention PNGs of that image" in result.stdout
     assert (work_dir / 'deploy' / 'end2end.onnx').is_file()
     assert (work_dir / 'toy_config.py').is_file()

@@ -20,6 +20,7 @@ SIZE = 64
 BATCH = 2
 toy = load_tool('tools/misc/make_toy_dataset.py')
 image_demo = load_tool('tools/misc/image_demo.py')
+visualize_attention = load_tool('tools/analysis/visualize_attention.py')
 
 
 def _run(args, timeout: int = 300, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -124,6 +125,22 @@ def test_image_demo_paints_a_toy_image(trained, task, tmp_path):
     painted, image = mmcv.imread(str(out_file)), mmcv.imread(str(img))
     assert painted.shape == image.shape == (SIZE, SIZE, 3)
     assert np.abs(painted.astype(int) - image).max() > 50  # predictions drawn over the image
+
+
+@pytest.mark.parametrize('task', ['seg', 'det'])
+def test_visualize_attention_on_a_toy_image(trained, task, tmp_path, capsys):
+    """The trained MAFormer of a segmentor and of a detector: the pyramid (1 x 4 panels) and
+    the window picture of both MAF blocks (1 x 5), at the image's size, their paths printed."""
+    run = trained[task]
+    folder = 'images/validation' if task == 'seg' else 'val'
+    img = sorted((run['root'] / folder).glob('*.jpg'))[0]
+    paths = visualize_attention.main([str(run['config']), str(run['checkpoint']), str(img),
+                                      '--out-dir', str(tmp_path), '--query', '10', '50'])
+    assert capsys.readouterr().out.split() == paths
+    shapes = {Path(p).name: mmcv.imread(p).shape for p in paths}
+    assert shapes == {'pyramid.png': (SIZE, 4 * SIZE, 3),
+                      'stages_0_blocks_0_window.png': (SIZE, 5 * SIZE, 3),
+                      'stages_1_blocks_0_window.png': (SIZE, 5 * SIZE, 3)}
 
 
 @pytest.mark.parametrize('extra,message', [

@@ -121,3 +121,24 @@ def test_toy_overrides_scale_nested_multiscale_pipeline(tmp_path):
     single, crop_branch = choice['transforms']
     assert single[0]['scales'][0] == (48, 133) and single[0]['scales'][-1] == (80, 133)
     assert crop_branch[1]['crop_size'] == (38, 60)
+
+
+@pytest.mark.parametrize('config,key,expected', [
+    ('upernet_boat_cswin_t_ade20k.py', 'depths', [1, 2, 2, 1]),
+    ('upernet_maformer_t_ade20k.py', 'depths', [2, 2, 2, 2]),
+    ('upernet_refiner_vit_s_ade20k.py', 'num_layers', 4),
+])
+def test_demo_shrinks_every_family(config, key, expected):
+    """tools/misc/demo.py's shrunk model: at most 2 blocks per stage (a plain ViT: 4 blocks),
+    the preset's widths and heads kept, and the model builds."""
+    import mmvit_plugins  # noqa: F401  (registers the backbones)
+    demo = load_tool('tools/misc/demo.py')
+    cfg = Config.fromfile(str(ROOT / 'configs' / config))
+    name, backbone_type = cfg.model.backbone.arch, cfg.model.backbone.type
+    demo.shrink_model(cfg)
+    arch = cfg.model.backbone.arch
+    preset = MODELS.get(backbone_type).arch_zoo[name]
+    assert arch[key] == expected
+    assert {k: v for k, v in arch.items() if k != key} == \
+        {k: v for k, v in preset.items() if k != key}
+    MODELS.build(dict(cfg.model.backbone, init_cfg=None))

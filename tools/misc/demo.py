@@ -1,6 +1,7 @@
 """The main job on a machine without data: make a toy dataset, evaluate the untrained model,
 train on CPU, evaluate again, print both scores, write prediction overlays as PNG files, paint
-one validation image with tools/misc/image_demo.py and the trained checkpoint, and deploy it:
+one validation image with tools/misc/image_demo.py and the trained checkpoint, draw what its
+attention does on that image with tools/analysis/visualize_attention.py, and deploy it:
 export to ONNX with tools/deployment/deploy.py (mmdeploy, dynamic shapes) and evaluate
 ``end2end.onnx`` with onnxruntime on the validation set with tools/deployment/test.py.
 
@@ -69,14 +70,20 @@ def parse_args() -> argparse.Namespace:
 
 
 def shrink_model(cfg: Config) -> List[str]:
-    """Keep the backbone's widths, heads and block types but at most 2 blocks per stage, and
-    make the heads 4x narrower: the same code paths at a fraction of the CPU time."""
+    """Keep the backbone's widths, heads and block types but at most 2 blocks per stage (a
+    plain ViT: 4 blocks), and make the heads 4x narrower: the same code paths at a fraction of
+    the CPU time."""
     backbone = cfg.model.backbone
     name = backbone.arch
     preset = dict(MODELS.get(backbone.type).arch_zoo[name])
-    preset['depths'] = [min(depth, 2) for depth in preset['depths']]
+    if 'depths' in preset:
+        preset['depths'] = [min(depth, 2) for depth in preset['depths']]
+        depth = f"depths {preset['depths']}"
+    else:
+        preset['num_layers'] = min(preset['num_layers'], 4)
+        depth = f"{preset['num_layers']} blocks"
     backbone.arch = preset
-    changes = [f"backbone {backbone.type}: the {name!r} preset with depths {preset['depths']} "
+    changes = [f'backbone {backbone.type}: the {name!r} preset with {depth} '
                '(widths, heads and block types unchanged; --full-model keeps every block)']
     model = cfg.model
     if 'decode_head' in model:
@@ -176,9 +183,23 @@ def paint_one_image(runner: Runner, work_dir: str) -> str:
     return out_file
 
 
-def _load_deployment_tool(name: str) -> ModuleType:
-    path = osp.join(REPO, 'tools', 'deployment', f'{name}.py')
-    spec = importlib.util.spec_from_file_location(f'deployment_{name}', path)
+def draw_attention(runner: Runner, work_dir: str) -> List[str]:
+    """tools/analysis/visualize_attention.py with the trained checkpoint on the first
+    validation image: the pyramid maps and the pictures of the first attention block (BOAT:
+    its groups and the attention of the image centre in its group)."""
+    image = runner.test_dataloader.dataset.get_data_info(0)['img_path']
+    argv = [osp.join(work_dir, 'toy_config.py'), find_latest_checkpoint(work_dir), image,
+            '--out-dir', osp.join(work_dir, 'attention'), '--blocks', '0']
+    print(f'[demo] python tools/analysis/visualize_attention.py {" ".join(argv)}')
+    paths = _load_tool('analysis', 'visualize_attention').main(argv)
+    print(f'[demo] {len(paths)} attention PNGs of that image (docs/visualization.md): '
+          f'{osp.dirname(paths[0])}')
+    return paths
+
+
+def _load_tool(folder: str, name: str) -> ModuleType:
+    path = osp.join(REPO, 'tools', folder, f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'{folder}_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -195,10 +216,10 @@ def deploy_and_evaluate(runner: Runner, task: str, work_dir: str) -> Tuple[dict,
     argv = [deploy_cfg, config, find_latest_checkpoint(work_dir), image, '--work-dir', onnx_dir,
             '--log-level', 'WARNING']
     print(f'[demo] python tools/deployment/deploy.py {" ".join(argv)}')
-    onnx_file = _load_deployment_tool('deploy').main(argv)['onnx']
+    onnx_file = _load_tool('deployment', 'deploy').main(argv)['onnx']
     argv = [deploy_cfg, config, '--model', onnx_file, '--work-dir', onnx_dir]
     print(f'[demo] python tools/deployment/test.py {" ".join(argv)}')
-    return _load_deployment_tool('test').main(argv), onnx_file
+    return _load_tool('deployment', 'test').main(argv), onnx_file
 
 
 def main() -> int:
@@ -243,6 +264,7 @@ def main() -> int:
     print(f'[demo] {len(overlays)} overlay PNGs (ground truth | prediction): '
           f'{osp.dirname(overlays[0])}')
     paint_one_image(runner, work_dir)
+    draw_attention(runner, work_dir)
     key = spec['metrics'][0]
     gain = trained[key] - untrained[key]
     if gain < min_gain:

@@ -8,7 +8,6 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
@@ -16,7 +15,13 @@ from torch import nn
 
 from mmvit_plugins.checkpoint import KeyLayout
 
-from ..layers import WindowMSA, attend_in_windows, is_concrete, resample_to_grid
+from ..layers import (
+    ScaledDotProductAttention,
+    WindowMSA,
+    attend_in_windows,
+    is_concrete,
+    resample_to_grid,
+)
 from ..layers.resample import RESAMPLE_MODES
 from .base import (
     PyramidBackbone,
@@ -38,7 +43,7 @@ GLD_RESIZE_MODES = RESAMPLE_MODES
 
 
 class Attention(nn.Module):
-    """Multi-head attention through ``F.scaled_dot_product_attention``.
+    """Multi-head attention through :class:`ScaledDotProductAttention`.
 
     ``forward(x (B, L, C), context (B, M, C) or None) -> (B, L, C)``: queries from ``x``, keys and
     values from ``context`` (cross-attention, the MAF fusion) or from ``x`` (self-attention).
@@ -51,6 +56,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.sdpa = ScaledDotProductAttention()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -60,7 +66,7 @@ class Attention(nn.Module):
         head_dim = c // self.num_heads
         q = self.q(x).reshape(b, n, self.num_heads, head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(b, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
+        out = self.sdpa(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 

@@ -64,6 +64,8 @@ class RefinedAttention(nn.Module):
     ``window_size=0``: global attention over (B, N, C) tokens (class token allowed), maps
     (B, heads, N, N). Otherwise the tokens are the (h, w) grid, padded to the window (padding
     masked out as keys and zeroed in the maps), maps (B * num_windows, heads, ws^2, ws^2).
+    Forward hooks on ``attn_map`` see the map applied to the values (for a sharing block, what
+    leaves the refiner); the forward's ``prev`` is what enters it.
     """
 
     def __init__(self, dim: int, num_heads: int, share: bool, window_size: int,
@@ -81,6 +83,8 @@ class RefinedAttention(nn.Module):
             self.adapt_bn = nn.BatchNorm2d(num_heads)
         else:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # the map applied to the values passes through it: where forward hooks see it
+        self.attn_map = nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, prev: Optional[torch.Tensor],
@@ -138,6 +142,7 @@ class RefinedAttention(nn.Module):
             if valid is not None:  # padding queries: rows of zeros (the maps are finite)
                 attn = attn * valid.to(attn.dtype)[:, None, :, None]
             passed = attn
+        attn = self.attn_map(attn)
         return (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, c), passed
 
 

@@ -1,5 +1,10 @@
-from .attention import WindowMSA
-from .fsla import FeatureSpaceLocalAttention, balanced_clustering, group_layout
+from .attention import ScaledDotProductAttention, WindowMSA
+from .fsla import (
+    BalancedClustering,
+    FeatureSpaceLocalAttention,
+    balanced_clustering,
+    group_layout,
+)
 from .policy import capturing, is_concrete
 from .pos_embed import resize_abs_pos_embed
 from .pyramid import SimpleFeaturePyramid
@@ -17,9 +22,10 @@ from .window import (
 )
 
 __all__ = [
-    'FeatureSpaceLocalAttention', 'SimpleFeaturePyramid', 'WindowMSA', 'attend_in_windows',
-    'balanced_clustering', 'bicubic_weights', 'capturing', 'ceil_div', 'contains', 'crop_end',
-    'group_layout', 'is_concrete', 'pad_end', 'pad_to', 'pad_to_multiple', 'resample_to_grid',
-    'resample_weights', 'resize_abs_pos_embed', 'window_attention_mask', 'window_count',
-    'window_extent', 'window_padding_mask', 'window_partition', 'window_reverse'
+    'BalancedClustering', 'FeatureSpaceLocalAttention', 'ScaledDotProductAttention',
+    'SimpleFeaturePyramid', 'WindowMSA', 'attend_in_windows', 'balanced_clustering',
+    'bicubic_weights', 'capturing', 'ceil_div', 'contains', 'crop_end', 'group_layout',
+    'is_concrete', 'pad_end', 'pad_to', 'pad_to_multiple', 'resample_to_grid', 'resample_weights',
+    'resize_abs_pos_embed', 'window_attention_mask', 'window_count', 'window_extent',
+    'window_padding_mask', 'window_partition', 'window_reverse'
 ]

@@ -1,10 +1,27 @@
-"""Swin's window attention, shared by BOAT-Swin and MAFormer."""
+"""Swin's window attention, shared by BOAT-Swin and MAFormer, and the attention kernel as a
+module."""
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as a module without parameters or state.
+
+    The fused kernels never materialise the attention weights; forward hooks on this module see
+    everything they are made of (queries, keys, the additive or boolean ``attn_mask`` and the
+    ``scale``), which is how ``mmvit_plugins.visualization`` reads them. Call it with the tensors
+    positionally and the options by keyword, as the backbones do.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.,
+                scale: Optional[float] = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                              dropout_p=dropout_p, scale=scale)
 
 
 class WindowMSA(nn.Module):
@@ -32,6 +49,7 @@ class WindowMSA(nn.Module):
         self.register_buffer('relative_position_index', index, persistent=True)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
+        self.sdpa = ScaledDotProductAttention()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
@@ -52,7 +70,7 @@ class WindowMSA(nn.Module):
             num_windows = mask.shape[0]
             bias = (bias.unsqueeze(0) + mask[None, :, None]).expand(
                 b // num_windows, -1, -1, -1, -1).reshape(b, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(
+        out = self.sdpa(
             q, k, v, attn_mask=bias.to(q.dtype),
             dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))

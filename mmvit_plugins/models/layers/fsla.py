@@ -34,9 +34,9 @@ from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import ScaledDotProductAttention
 from .policy import (
     Size,
     autocast_off,
@@ -330,6 +330,24 @@ def balanced_clustering(x: torch.Tensor, layout: GroupLayout, iters: int = 2,
     return order.view(order.shape[0], -1)
 
 
+class BalancedClustering(nn.Module):
+    """:func:`balanced_clustering` as a module without parameters: (..., N, d) features and their
+    :class:`GroupLayout` -> (R, G * m) long, the token of every slot in group order.
+
+    Forward hooks on it see the groups of every forward (the final group of a token at slot p
+    is ``p // layout.shape.group_slots``; its group at level l < k is that index ``>> (k - l)``,
+    since every split lays its two children out in the two halves of its slots).
+    """
+
+    def __init__(self, iters: int = 2, sharpness: float = 100.):
+        super().__init__()
+        self.iters = iters
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        return balanced_clustering(x, layout, self.iters, self.sharpness)
+
+
 @lru_cache(maxsize=64)
 def _attention_mask(num_tokens: int, group_size: int, overlap: int,
                     device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -404,6 +422,8 @@ class FeatureSpaceLocalAttention(nn.Module):
         self.static_shapes = static_shapes
         self.scale = (dim // num_heads) ** -0.5 if qk_scale is None else qk_scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.clustering = BalancedClustering()
+        self.sdpa = ScaledDotProductAttention()
         self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -413,7 +433,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
         if n <= self.group_size:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            out = self.sdpa(q, k, v, scale=self.scale)
             out = out.transpose(1, 2).reshape(b, n, c)
         else:
             out = self._grouped_attention(qkv)
@@ -439,7 +459,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         static = static or not is_concrete(n)
         layout = group_layout(n, self.group_size, self.overlap, qkv.device, static)
         groups, slot_size = layout.num_groups, layout.slot_size
-        order = balanced_clustering(qkv[:, :, 0].transpose(1, 2), layout)  # (rows, G * m)
+        order = self.clustering(qkv[:, :, 0].transpose(1, 2), layout)  # (rows, G * m)
 
         qkv_rows, out_rows = _row_offsets(b, heads, n, qkv.device)
         key_token = order.index_select(1, layout.key_slots)
@@ -450,7 +470,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         if mask is not None:
             # an expanded mask of the full (rows, G, s, s + o) shape takes SDPA's fused kernel
             mask = mask.expand(rows, -1, slot_size, -1)
-        out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
+        out = self.sdpa(q_g, k_g, v_g, attn_mask=mask, scale=self.scale)
 
         # fused SDPA kernels write (rows, s, G, d) memory: copy its rows to their tokens
         query_token = order.index_select(1, layout.query_slots)  # (rows, s * G)
@@ -460,7 +480,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         return out_full.view(b, n + 1, heads * d)[:, :n]
 
 
-__all__: List[str] = ['ClusterShape', 'FeatureSpaceLocalAttention', 'GroupLayout',
-                      'balanced_clustering', 'build_group_layout', 'cluster_slots',
-                      'clustering_dtype',
-                      'group_layout', 'num_levels', 'slot_features']
+__all__: List[str] = ['BalancedClustering', 'ClusterShape', 'FeatureSpaceLocalAttention',
+                      'GroupLayout', 'balanced_clustering', 'build_group_layout',
+                      'cluster_slots', 'clustering_dtype', 'group_layout', 'num_levels',
+                      'slot_features']

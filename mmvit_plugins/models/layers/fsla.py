@@ -158,6 +158,11 @@ def build_group_layout(num_tokens: Size, group_size: int, overlap: int,
     token = torch.arange(num_slots, device=device) - first_slot
     padding = (token < 0) | (token >= num_tokens)
     token = token + padding * (num_tokens - token)  # padding slots hold N
+    if isinstance(num_tokens, torch.Tensor):
+        # A traced (exported) graph keeps this k for every N. More tokens than its range holds
+        # fail in the clustering's gathers; fewer would form wrong groups silently, so they
+        # point every slot past the tokens: the runtime stops with an out-of-bounds gather.
+        token = token + (num_tokens <= group_size << (levels - 1)) * (num_tokens + 1)
     slot_meta = torch.stack([torch.ones_like(token), padding, token], dim=1).float()
 
     counts = counts[-1]

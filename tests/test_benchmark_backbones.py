@@ -6,6 +6,8 @@ import sys
 from typing import List, Tuple
 
 import pytest
+from matplotlib.image import imread
+from PIL import Image
 
 from .helpers import ROOT, load_tool
 
@@ -15,9 +17,10 @@ bench = load_tool('tools/analysis/benchmark_backbones.py')
 
 
 def _measure(model: str, *args: str) -> Tuple[str, List[List[str]]]:
-    """Run the script on ``model`` (a spec) with ``args``; return its stdout and the cells of
-    the table rows of that model."""
-    result = subprocess.run([sys.executable, str(SCRIPT), '--models', model, *args],
+    """Run the script on ``model`` (a spec; not passed with --from-json) with ``args``; return
+    its stdout and the cells of the table rows of that model."""
+    source = [] if '--from-json' in args else ['--models', model]
+    result = subprocess.run([sys.executable, str(SCRIPT), *source, *args],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     prefix = '| ' + model.split(':')[0]
@@ -80,15 +83,28 @@ def test_measures_a_row_per_model_and_size():
     assert int(cells[7]) > 0  # aten operators per step
 
 
-def test_train_times_inference_and_a_training_step_with_ratios():
+def test_train_times_inference_and_a_training_step_with_ratios(tmp_path):
+    """Also: --plot draws the measured rows, and --from-json prints and draws the saved ones
+    without measuring."""
     arch = "arch={'embed_dims':8,'depths':(1,1,1,1),'num_heads':(1,1,1,1)}"
     spec = f'BOATSwin:{arch}'
+    png, saved = tmp_path / 'rows.png', tmp_path / 'rows.json'
     stdout, rows = _measure(spec, '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
-                            '--train', '--baseline', spec)
+                            '--train', '--baseline', spec, '--json', str(saved),
+                            '--plot', str(png))
     assert [row[3] for row in rows] == ['fwd', 'fwd+bwd']
     # a training step dispatches the forward's operators and their backward
     assert int(rows[1][7]) > int(rows[0][7]) > 0
     assert 'ratios to ' + spec + ':' in stdout
+    assert stdout.splitlines()[-1] == f'plot: {png}'
+    assert imread(png).shape == (400, 1200, 4)  # 12 x 4 inches at 100 dpi, RGBA
+
+    replot = tmp_path / 'replot.png'
+    replayed, replayed_rows = _measure(spec, '--from-json', str(saved), '--plot', str(replot))
+    assert replayed.splitlines()[0] == f'rows of {saved}'
+    assert replayed_rows == rows
+    assert replayed.splitlines()[-1] == f'plot: {replot}'
+    assert imread(replot).shape == (400, 1200, 4)
 
 
 def test_compiled_columns_beside_the_eager_ones():
@@ -160,3 +176,80 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert all(r['latency_ms'] > 0 and r['compiled']['latency_ms'] > 0 for r in rows)
     assert all(r['compiled']['compile_s'] > 0 and r['ops'] > 0 for r in rows)
     assert all(bench.table_row(r, True) in report for r in rows)
+
+
+def _plot_row(model: str, size: str, batch: int, mode: str, **result) -> dict:
+    return dict(model=model, input=size, batch=batch, mode=mode, **result)
+
+
+def test_plot_draws_every_run_and_lists_those_without_result(tmp_path):
+    """Hand-made rows of two models, two modes, two batch sizes and three sizes (given out of
+    pixel order), a timeout, an OOM, and compiled twins: every line holds exactly its runs'
+    values at their pixel counts, the failed runs are left out and listed."""
+    sizes = {'64x64': 4096, '32x48': 1536, '96x96': 9216}  # input: pixels
+    rows = []
+    for batch in (1, 2):
+        for model, scale in (('A', 1.), ('B:arch=tiny', 3.)):
+            for mode, factor in (('fwd', 1.), ('fwd+bwd', 2.5)):
+                for size, pixels in sizes.items():
+                    rows.append(_plot_row(model, size, batch, mode, params_m=1.,
+                                          latency_ms=scale * factor * pixels * batch / 1000,
+                                          peak_mb=scale * factor * pixels * batch / 100,
+                                          ops=10))
+    timeout = next(r for r in rows if (r['model'], r['input'], r['batch'], r['mode']) ==
+                   ('B:arch=tiny', '96x96', 2, 'fwd+bwd'))
+    for key in ('latency_ms', 'peak_mb', 'params_m', 'ops'):
+        del timeout[key]
+    timeout['error'] = 'timeout (> 600 s)'
+    for row in rows:
+        if (row['model'], row['mode'], row['batch']) == ('A', 'fwd', 1):
+            row['compiled'] = (dict(latency_ms=row['latency_ms'] / 2, peak_mb=1., compile_s=9.)
+                               if row['input'] != '32x48' else dict(error='OOM'))
+    path = tmp_path / 'plot.png'
+    fig = bench.plot_rows(rows, str(path), 'title')
+
+    assert Image.open(path).size == (1200, 800)  # 12 x (4 per batch size) inches, 100 dpi
+    titles = ['latency (ms), batch 1', 'peak memory (MB), batch 1',
+              'latency (ms), batch 2', 'peak memory (MB), batch 2']
+    assert [ax.get_title() for ax in fig.axes] == titles
+    x = [1536, 4096, 9216]
+    for ax, (what, batch) in zip(fig.axes, [('latency', 1), ('memory', 1), ('latency', 2),
+                                           ('memory', 2)]):
+        unit = 1000 if what == 'latency' else 100
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        expected = {f'{m} {mode}': (x, [s * f * p * batch / unit for p in x])
+                    for m, s in (('A', 1.), ('B:arch=tiny', 3.))
+                    for mode, f in (('fwd', 1.), ('fwd+bwd', 2.5))}
+        if batch == 2:  # the timeout
+            expected['B:arch=tiny fwd+bwd'] = (x[:2], expected['B:arch=tiny fwd+bwd'][1][:2])
+        else:  # the OOM of the compiled run at 32x48
+            expected['A fwd compiled'] = (x[1:], [p / 1000 / 2 if what == 'latency' else 1.
+                                                  for p in x[1:]])
+        assert sorted(lines) == sorted(expected)
+        for label, (xs, ys) in expected.items():
+            assert list(lines[label].get_xdata()) == xs, label
+            assert list(lines[label].get_ydata()) == pytest.approx(ys), label
+        assert lines['A fwd'].get_linestyle() == '-' and lines['A fwd+bwd'].get_linestyle() == '--'
+        assert lines['A fwd'].get_color() == lines['A fwd+bwd'].get_color() != \
+            lines['B:arch=tiny fwd'].get_color()
+        if batch == 1:
+            assert lines['A fwd compiled'].get_marker() != lines['A fwd'].get_marker()
+        assert list(ax.get_xticks()) == x
+    for ax in fig.axes[2:]:  # the shared x axis is labelled under the last panel row
+        assert [t.get_text() for t in ax.get_xticklabels()] == ['32x48', '64x64', '96x96']
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        'A', 'B:arch=tiny', 'fwd', 'fwd+bwd', 'eager', 'compiled']
+    notes = [t.get_text().replace('\n', ' ') for t in fig.texts if 'not drawn' in t.get_text()]
+    assert len(notes) == 1
+    assert 'A fwd compiled 32x48 batch 1: OOM' in notes[0]
+    assert 'B:arch=tiny fwd+bwd 96x96 batch 2: timeout (> 600 s)' in notes[0]
+
+
+def test_from_json_needs_the_rows_of_json(tmp_path):
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'model': 'A'}))
+    with pytest.raises(ValueError, match='expected the non-empty list of rows'):
+        bench.load_rows(str(bad))
+    result = subprocess.run([sys.executable, str(SCRIPT), '--from-json', str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f'--from-json {bad}: expected' in result.stderr

@@ -4,7 +4,8 @@
         --models BOATSwin:arch=tiny BOATCSWin:arch=tiny mmdet.SwinTransformer \
         --sizes 224x224 512x512 800x1216 --batch-sizes 1 2 [--train | --backward] \
         [--baseline mmdet.SwinTransformer] [--device cuda] \
-        [--compile [MODE] [--compile-backend inductor]] [--json rows.json]
+        [--compile [MODE] [--compile-backend inductor]] [--json rows.json] [--plot rows.png]
+    python tools/analysis/benchmark_backbones.py --from-json rows.json [--plot rows.png]
 
 A model spec is ``Type[:key=value,key=value]``; ``Type`` is a registered mmvit_plugins backbone
 or ``mmdet.X`` / ``mmseg.X`` for a backbone of those codebases, values are Python literals
@@ -33,6 +34,12 @@ the speed-up over eager, its peak memory, and the first call's seconds (compilat
 apart. ``reduce-overhead`` replays CUDA graphs on a GPU: the first call compiles, the warm-up
 records, the timed calls replay. ``--compile-backend aot_eager`` captures the graphs without
 generating code (a check that compiling works, fast; no speed-up expected).
+
+``--plot FILE.png`` draws the rows (``plot_rows``): latency (left) and peak memory (right)
+against the input's pixel count, one line per model and mode (solid ``fwd``, dashed
+``fwd+bwd``; compiled runs with open squares), one panel row per batch size; runs without a
+result are listed under the panels. ``--from-json`` prints and draws the rows that ``--json``
+saved, without measuring.
 """
 import argparse
 import ast
@@ -42,8 +49,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 WORKER_FLAG = '--worker'
 FORWARD, TRAIN_STEP = 'fwd', 'fwd+bwd'
@@ -51,6 +62,8 @@ FORWARD, TRAIN_STEP = 'fwd', 'fwd+bwd'
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 # How torch (CUDA and CPU allocators) and Python report an allocation over the limit.
 OOM_MESSAGES = ('out of memory', "can't allocate memory", 'memoryerror')
+# --plot's image: width and height per batch size in inches, and dots per inch.
+PLOT_WIDTH_IN, PLOT_ROW_HEIGHT_IN, PLOT_DPI = 12.0, 4.0, 100
 
 
 def parse_spec(spec: str) -> Tuple[str, Dict]:
@@ -106,6 +119,11 @@ def build_backbone(name: str, kwargs: Dict):
 
         import mmvit_plugins  # noqa: F401
     return MODELS.build(dict(type=name, **kwargs))
+
+
+def row_modes(rows: List[Dict]) -> List[str]:
+    """The modes that ``rows`` have, ``fwd`` first."""
+    return [mode for mode in (FORWARD, TRAIN_STEP) if any(r['mode'] == mode for r in rows)]
 
 
 def measured_modes(args: argparse.Namespace) -> List[str]:
@@ -167,6 +185,98 @@ def table_row(row: Dict, compiled: bool) -> str:
             cells += [f"{comp['latency_ms']:.1f}", speedup, f"{comp['peak_mb']:.0f}",
                       f"{comp['compile_s']:.1f}"]
     return '| ' + ' | '.join(str(c) for c in cells) + ' |'
+
+
+def _pixels(size: str) -> int:
+    h, w = parse_size(size)
+    return h * w
+
+
+def _no_result(row: Dict, run: Dict, compiled: bool) -> str:
+    """The line of ``--plot``'s list of runs without a result: ``run`` is ``row`` or its
+    compiled twin."""
+    what = f"{row['model']} {row['mode']}{' compiled' if compiled else ''}"
+    return f"{what} {row['input']} batch {row['batch']}: {run.get('error', 'no result')}"
+
+
+def plot_rows(rows: List[Dict], path: str, title: str = '') -> 'Figure':
+    """Draw ``rows`` (as printed and written by --json) to the PNG ``path`` and return the
+    ``matplotlib.figure.Figure``.
+
+    One panel row per batch size (ascending), two panels each: latency (ms) left, peak memory
+    (MB) right, ``fig.axes`` in that order. x is the input's pixel count (ticks labelled HxW).
+    One line per model spec and mode (color: model; solid: ``fwd``, dashed: ``fwd+bwd``),
+    labelled ``'{model} {mode}'``; compiled runs (``row['compiled']``) as a second line with
+    open square markers, labelled ``'{model} {mode} compiled'``. Runs without a result
+    (timeout, OOM) are left out of the lines and listed under the panels. The image is
+    ``PLOT_WIDTH_IN x PLOT_ROW_HEIGHT_IN * batch sizes`` inches at ``PLOT_DPI``.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    batches = sorted({r['batch'] for r in rows})
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    modes = row_modes(rows)
+    compiled = any('compiled' in r for r in rows)
+    colors = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
+    color = {model: colors[i % len(colors)] for i, model in enumerate(models)}
+    style = {FORWARD: '-', TRAIN_STEP: '--'}
+    ticks: Dict[int, List[str]] = {}
+    for size in sorted({r['input'] for r in rows}, key=lambda s: (_pixels(s), s)):
+        ticks.setdefault(_pixels(size), []).append(size)
+
+    fig = Figure(figsize=(PLOT_WIDTH_IN, PLOT_ROW_HEIGHT_IN * len(batches)), dpi=PLOT_DPI,
+                 layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(batches), 2, squeeze=False, sharex=True)
+    not_drawn = []
+    for (lat_ax, mem_ax), batch in zip(axes, batches):
+        for model in models:
+            for mode in modes:
+                same = [r for r in rows
+                        if (r['model'], r['mode'], r['batch']) == (model, mode, batch)]
+                for twin in (False, True):
+                    runs = [(r, r['compiled'] if twin else r) for r in same
+                            if not twin or 'compiled' in r]
+                    points = sorted(((_pixels(r['input']), run) for r, run in runs
+                                     if 'latency_ms' in run), key=lambda point: point[0])
+                    not_drawn += [_no_result(r, run, twin) for r, run in runs
+                                  if 'latency_ms' not in run]
+                    if not points:
+                        continue
+                    marker = (dict(marker='s', markerfacecolor='none') if twin else
+                              dict(marker='o'))
+                    label = f"{model} {mode}{' compiled' if twin else ''}"
+                    for ax, key in ((lat_ax, 'latency_ms'), (mem_ax, 'peak_mb')):
+                        ax.plot([x for x, _ in points], [run[key] for _, run in points],
+                                color=color[model], linestyle=style[mode], label=label,
+                                **marker)
+        for ax, what in ((lat_ax, 'latency (ms)'), (mem_ax, 'peak memory (MB)')):
+            ax.set_title(f'{what}, batch {batch}')
+            ax.set_ylabel(what)
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.set_xticks(list(ticks), ['\n'.join(sizes) for sizes in ticks.values()],
+                          rotation=30, ha='right')
+    for ax in axes[-1]:
+        ax.set_xlabel('input HxW (placed at its pixel count)')
+    if title:
+        fig.suptitle(title)
+    handles = [Line2D([], [], color=color[m], label=m) for m in models]
+    handles += [Line2D([], [], color='gray', linestyle=style[m], label=m) for m in modes]
+    if compiled:
+        handles += [Line2D([], [], color='gray', marker='o', linestyle='none', label='eager'),
+                    Line2D([], [], color='gray', marker='s', markerfacecolor='none',
+                           linestyle='none', label='compiled')]
+    fig.legend(handles=handles, loc='outside right upper', fontsize='small')
+    if not_drawn:
+        fig.supxlabel(textwrap.fill('no result, not drawn: ' + '; '.join(not_drawn), 180),
+                      x=0.01, ha='left', fontsize='small')
+    fig.savefig(path, dpi=PLOT_DPI)
+    return fig
 
 
 def _rss_bytes() -> int:
@@ -320,9 +430,27 @@ def measure_all(args: argparse.Namespace, modes: List[str]) -> Iterator[Dict]:
                 yield from rows
 
 
+def load_rows(path: str) -> List[Dict]:
+    """The rows written by ``--json`` to ``path``."""
+    with open(path) as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f'--from-json {path}: not JSON ({exc})') from None
+    keys = {'model', 'input', 'batch', 'mode'}
+    if not (isinstance(rows, list) and rows and
+            all(isinstance(r, dict) and keys <= r.keys() for r in rows)):
+        raise ValueError(f'--from-json {path}: expected the non-empty list of rows that --json '
+                         f'writes, each with the keys {sorted(keys)}')
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--models', nargs='+', required=True, help='model specs (see above)')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--models', nargs='+', help='model specs (see above)')
+    source.add_argument('--from-json', metavar='ROWS.json',
+                        help='instead of measuring, print (and --plot) the rows saved by --json')
     parser.add_argument('--sizes', nargs='+', type=parse_size, default=[(224, 224)])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
     modes = parser.add_mutually_exclusive_group()
@@ -342,6 +470,8 @@ def main() -> None:
     parser.add_argument('--compile-backend', default='inductor',
                         help='torch.compile backend for --compile (inductor, aot_eager, ...)')
     parser.add_argument('--json', help='also write the rows to this JSON file')
+    parser.add_argument('--plot', metavar='FILE.png',
+                        help='also draw latency and peak memory against input size to this PNG')
     parser.add_argument(WORKER_FLAG, action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -350,33 +480,51 @@ def main() -> None:
     if args.worker:
         run_worker(args)
         return
-    for spec in args.models:
-        parse_spec(spec)  # fail early on a malformed spec
-    if args.baseline is not None and args.baseline not in args.models:
-        parser.error(f'--baseline {args.baseline!r} must be one of --models: {args.models}')
-    modes = measured_modes(args)
+    if args.from_json:
+        try:
+            rows = load_rows(args.from_json)
+        except ValueError as exc:
+            parser.error(str(exc))
+        models = list(dict.fromkeys(r['model'] for r in rows))
+        modes = row_modes(rows)
+        compiled = any('compiled' in r for r in rows)
+        title = f'rows of {args.from_json}'
+    else:
+        for spec in args.models:
+            parse_spec(spec)  # fail early on a malformed spec
+        models, modes, compiled = args.models, measured_modes(args), bool(args.compile)
+        if args.compile and args.compile not in COMPILE_MODES:
+            parser.error(f'--compile {args.compile!r} is invalid; allowed values: '
+                         f'{COMPILE_MODES}')
+        if args.device.split(':')[0] == 'cuda':
+            import torch
+            if not torch.cuda.is_available():
+                parser.error('--device cuda: torch sees no CUDA device here')
+        title = (f'device: {args.device}, torch threads: {args.threads or "default"}, '
+                 f'median of {args.repeats} after {args.warmup} warm-up'
+                 + (f'; compiled: torch.compile(mode={args.compile!r}, backend='
+                    f'{args.compile_backend!r})' if args.compile else ''))
+    if args.baseline is not None and args.baseline not in models:
+        source = '--from-json' if args.from_json else '--models'
+        parser.error(f'--baseline {args.baseline!r} must be one of {source}: {models}')
 
-    if args.compile and args.compile not in COMPILE_MODES:
-        parser.error(f'--compile {args.compile!r} is invalid; allowed values: {COMPILE_MODES}')
-    device = args.device.split(':')[0]
-    if device == 'cuda':
-        import torch
-        if not torch.cuda.is_available():
-            parser.error('--device cuda: torch sees no CUDA device here')
-    rows = []
-    print(f'device: {args.device}, torch threads: {args.threads or "default"}, '
-          f'median of {args.repeats} after {args.warmup} warm-up'
-          + (f'; compiled: torch.compile(mode={args.compile!r}, backend='
-             f'{args.compile_backend!r})' if args.compile else ''))
-    print('\n'.join(table_header(bool(args.compile))), flush=True)
-    for row in measure_all(args, modes):
-        rows.append(row)
-        print(table_row(row, bool(args.compile)), flush=True)
+    print(title)
+    print('\n'.join(table_header(compiled)), flush=True)
+    if args.from_json:
+        print('\n'.join(table_row(row, compiled) for row in rows))
+    else:
+        rows = []
+        for row in measure_all(args, modes):
+            rows.append(row)
+            print(table_row(row, compiled), flush=True)
     if args.baseline is not None:
         print('\n' + '\n'.join(ratio_table(rows, args.baseline, modes)))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        plot_rows(rows, args.plot, title)
+        print(f'plot: {args.plot}')
 
 
 if __name__ == '__main__':

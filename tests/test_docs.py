@@ -252,7 +252,7 @@ def command_problems(command: str) -> List[str]:
                     if not git_ignored(path):  # build products (mmvit_plugins/.mim) may be absent
                         problems.append(f'`{command}`: {path} does not exist')
                     continue
-                source = matches[0].read_text() if matches[0].is_file() else ''
+                source = matches[0].read_text() if tests and matches[0].is_file() else ''
                 problems += [f'`{command}`: no test {name} in {path}' for name in tests
                              if not re.search(rf'^\s*(def|class) {re.escape(name)}\b', source,
                                               re.M)]

@@ -136,7 +136,7 @@ def test_visualize_attention_on_a_toy_image(trained, task, tmp_path, capsys):
     img = sorted((run['root'] / folder).glob('*.jpg'))[0]
     paths = visualize_attention.main([str(run['config']), str(run['checkpoint']), str(img),
                                       '--out-dir', str(tmp_path), '--query', '10', '50'])
-    assert capsys.readouterr().out.split() == paths
+    assert capsys.readouterr().out.splitlines()[-len(paths):] == paths  # after the load log
     shapes = {Path(p).name: mmcv.imread(p).shape for p in paths}
     assert shapes == {'pyramid.png': (SIZE, 4 * SIZE, 3),
                       'stages_0_blocks_0_window.png': (SIZE, 5 * SIZE, 3),

@@ -116,7 +116,7 @@ class AttentionCall:
         return attention_weights(query, self.key[index], mask, self.scale)[..., 0, :]
 
 
-def _call(args: Tuple, kwargs: Dict[str, Any], rows: slice) -> AttentionCall:
+def _call(args: Tuple, kwargs: Dict[str, Any], rows: Union[int, slice]) -> AttentionCall:
     query, key = args[:2]
     mask = kwargs.get('attn_mask')
     if mask is not None and mask.shape[0] == query.shape[0]:
@@ -309,12 +309,8 @@ class AttentionRecorder:
 
         def attended(_, args, kwargs, out):
             record = self.records[name]
-            # grouped: (B * heads, G, s, d) rows; one group: (B, heads, N, d)
-            rows = slice(0, heads) if record.layout is not None else slice(0, 1)
-            record.call = _call(args, kwargs, rows)
-            if record.layout is None:
-                record.call = AttentionCall(record.call.query[0], record.call.key[0], None,
-                                            record.call.scale)
+            # grouped: the first image's rows of (B * heads, G, s, d); one group: (B, heads, N, d)
+            record.call = _call(args, kwargs, slice(0, heads) if record.layout is not None else 0)
 
         self._pre(fsla, start)
         self._post(fsla.clustering, clustered)

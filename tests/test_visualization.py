@@ -2,7 +2,7 @@
 (checked through hooks of the tests' own and the blocks' own functions), the pictures have the
 documented sizes, bad input is refused with the valid choices, and the forward is unchanged."""
 import re
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import mmcv
 import numpy as np
@@ -42,6 +42,20 @@ def _capture(module: torch.nn.Module, store: List, index: int = -1) -> Removable
     def hook(_, args, out):
         store.append((out if index < 0 else args[index]).detach().clone())
     return module.register_forward_hook(hook)
+
+
+def _window_of(token: int, grid: Tuple[int, int], ws: int
+               ) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The tests' own window arithmetic for one image's windows of side ``ws`` (row-major over
+    the grid padded to whole windows): the window of ``token``, its position in it, the (h, w)
+    mask of the window's real tokens and their positions in the window (mask order)."""
+    ty, tx = divmod(token, grid[1])
+    y0, x0 = ty // ws * ws, tx // ws * ws
+    index = (ty // ws) * -(-grid[1] // ws) + tx // ws
+    inside = torch.zeros(grid, dtype=torch.bool)
+    inside[y0:y0 + ws, x0:x0 + ws] = True
+    rows, cols = inside.nonzero().t()
+    return index, (ty - y0) * ws + tx - x0, inside, (rows - y0) * ws + cols - x0
 
 
 def _partition(labels: torch.Tensor) -> set:
@@ -171,18 +185,10 @@ def test_refiner_maps_are_what_enters_and_leaves_the_refiner(options):
             expected = [m[0, :, extra + token, extra:].view(2, *grid) for m in (before, after)]
             torch.testing.assert_close([got_before, got_after], expected, rtol=0, atol=0)
             continue
-        ws = record.window_size
-        wins_w = -(-grid[1] // ws)
-        ty, tx = divmod(token, grid[1])
-        index = (ty // ws) * wins_w + tx // ws
-        position = (ty % ws) * ws + tx % ws
-        inside = torch.zeros(grid, dtype=torch.bool)
-        inside[ty // ws * ws:(ty // ws + 1) * ws, tx // ws * ws:(tx // ws + 1) * ws] = True
+        index, position, inside, window_pos = _window_of(token, grid, record.window_size)
         for got, full in ((got_before, before), (got_after, after)):
             assert got[:, ~inside].isnan().all() and not got[:, inside].isnan().any()
-            row = full[index, :, position].view(2, ws, ws)
-            rows, cols = inside.nonzero().t()
-            expected = row[:, rows - ty // ws * ws, cols - tx // ws * ws]
+            expected = full[index, :, position][:, window_pos]
             torch.testing.assert_close(got[:, inside], expected, rtol=0, atol=0)
 
 
@@ -209,14 +215,10 @@ def test_maformer_window_and_global_tokens_are_what_the_block_computed():
         token = token_at(point, HW, grid)
         # window attention: the query's window, its position in it
         local = record.local_weights(token)
-        inside = ~local[0].isnan()
         ws = record.window_size
-        ty, tx = divmod(token, grid[1])
-        wins_w = -(-grid[1] // ws)
-        index, position = (ty // ws) * wins_w + tx // ws, (ty % ws) * ws + tx % ws
+        index, position, inside, window_pos = _window_of(token, grid, ws)
+        assert local[:, ~inside].isnan().all() and not local[:, inside].isnan().any()
         v = local_qkv[0][index].view(ws * ws, 3, heads, -1)[:, 2].transpose(0, 1).double()
-        rows, cols = inside.nonzero().t()
-        window_pos = (rows - ty // ws * ws) * ws + (cols - tx // ws * ws)
         torch.testing.assert_close(local[:, inside].sum(1), torch.ones(heads, dtype=torch.float64))
         actual = torch.einsum('hl,hld->hd', local[:, inside], v[:, window_pos])
         torch.testing.assert_close(actual, local_out[0][index, :, position].double(),

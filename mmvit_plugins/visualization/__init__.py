@@ -2,6 +2,7 @@
 and after the refiner, MAFormer's window and global tokens, and every pyramid level, painted
 over the input image (``tools/analysis/visualize_attention.py``, docs/visualization.md)."""
 import os.path as osp
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Union
 
 import mmcv
@@ -70,16 +71,13 @@ def draw_attention(backbone: nn.Module, inputs: torch.Tensor, image: np.ndarray,
                         (height, width))
     block_kinds = [p for p in pictures if p != 'pyramid']
     recorder = AttentionRecorder(backbone, blocks, block_kinds) if block_kinds else None
-    if recorder is not None:
-        with recorder:
-            features = backbone(inputs)
-    else:
+    with recorder or nullcontext():
         features = backbone(inputs)
 
     written: Dict[str, np.ndarray] = {}
     if 'pyramid' in pictures:
         written['pyramid.png'] = pyramid_picture(features, image)
-    for name, record in (recorder.records if recorder is not None else {}).items():
+    for name, record in (recorder.records if recorder else {}).items():
         kind = recorder.selected[name]
         if kind == 'clusters':
             written[_file_name(name, 'clusters')] = cluster_picture(record, image, heads)

@@ -121,8 +121,6 @@ def timm_backbone(args: argparse.Namespace) -> Tuple[nn.Module, torch.Tensor, np
     its pretrained config says (RGB in [0, 1])."""
     import timm
     from timm.data import resolve_data_config
-
-    import mmvit_plugins  # noqa: F401  (registers the models)
     if args.config not in timm.list_models('*'):
         names = ', '.join(n for n in timm.list_models(('boat*', 'maformer*', 'refiner_vit*')))
         raise SystemExit(f'CONFIG {args.config!r} is neither a config file nor a timm model '
